@@ -1,0 +1,292 @@
+"""A generator actor: leases prompts, samples G responses each, scores them, streams them.
+
+The actor never trains. Between any two decode steps it services its control channel:
+new leases join the engine at once (continuous batching), acknowledgements clear the
+outbox, and a weight header makes it receive the new weights and continue every
+in-flight sequence with them (each token keeps the version that sampled it).
+
+In sync mode (max_staleness 0) it asks for leases only when the engine is empty and every
+group it sent has been acknowledged: generation waits while the learner trains, and
+each batch is one deterministic wave.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from actors.engine import make_engine
+from actors.torch_engine import Request, Sample
+from async_rl.config import Config, from_dict
+from async_rl.rewards import math_reward
+from async_rl.schema import (
+    SCHEMA_VERSION,
+    Ack,
+    Bye,
+    FinishReason,
+    Heartbeat,
+    JoinGroup,
+    Lease,
+    LeaseGrant,
+    LeaseRequest,
+    Register,
+    Registered,
+    Rejected,
+    Response,
+    TrajectoryGroup,
+    Wait,
+    WeightHeader,
+)
+from async_rl.text import load_tokenizer, render_prompt, response_text
+from async_rl.transport import ActorClient, Endpoints
+from weight_sync import broadcast
+from weight_sync.group import SyncGroup, connect_store
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Pending:
+    lease: Lease
+    prompt_ids: list[int]
+    samples: list[Sample] = field(default_factory=list)
+
+
+class Actor:
+    def __init__(
+        self, client: ActorClient, registered: Registered, *, device: str, store_timeout_s: float
+    ) -> None:
+        self.client = client
+        self.actor_id = client.actor_id
+        self.cfg: Config = from_dict(registered.config)
+        self.device = device
+        self.tokenizer = load_tokenizer(registered.model_path)
+        self.engine = make_engine(
+            self.cfg,
+            registered.model_path,
+            device=device,
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        self.params = self.engine.parameters()
+        self.group: SyncGroup | None = None
+        self.store: Any = None
+        self.store_timeout_s = store_timeout_s
+        self.has_weights = False
+        self.pending: dict[int, _Pending] = {}
+        self.outbox: dict[int, TrajectoryGroup] = {}
+        self.request_out = False
+        self.next_request_at = 0.0
+        self.next_heartbeat_at = 0.0
+        self.stopping = ""
+        self.groups_sent = 0
+        self.sync = self.cfg.rollout.max_staleness == 0
+
+    # ------------------------------------------------------------------ main loop
+
+    def run(self) -> str:
+        """Generate until the learner says bye. Returns the reason."""
+        while not self.stopping:
+            busy = self.engine.has_work()
+            self._handle_control(timeout_s=0.0 if busy else 0.05)
+            if self.stopping or not self.has_weights:
+                continue
+            self._maybe_request_leases()
+            if self.engine.has_work():
+                for sample in self.engine.step():
+                    self._collect(sample)
+            self._maybe_heartbeat()
+        return self.stopping
+
+    # ------------------------------------------------------------------ control
+
+    def _handle_control(self, timeout_s: float) -> None:
+        msg = self.client.recv(timeout_s)
+        while msg is not None:
+            self._dispatch(msg)
+            msg = self.client.recv(0.0)
+
+    def _dispatch(self, msg: Any) -> None:
+        match msg:
+            case LeaseGrant(leases=leases):
+                self.request_out = False
+                for lease in leases:
+                    self._start(lease)
+            case Wait(retry_after_s=retry):
+                self.request_out = False
+                self.next_request_at = time.monotonic() + retry
+            case Ack(lease_ids=ids):
+                for lease_id in ids:
+                    self.outbox.pop(lease_id, None)
+            case JoinGroup():
+                self._join(msg)
+            case WeightHeader():
+                self._receive_weights(msg)
+            case Bye(reason=reason):
+                self.stopping = reason or "learner said bye"
+            case _:
+                logger.warning("unexpected control message %s", type(msg).__name__)
+
+    def _join(self, msg: JoinGroup) -> None:
+        if self.group is not None:
+            self.group.close()
+        if self.store is None:
+            self.store = connect_store(msg.store_host, msg.store_port, self.store_timeout_s)
+        self.group = SyncGroup(
+            self.store,
+            epoch=msg.epoch,
+            rank=msg.rank,
+            world_size=msg.world_size,
+            backend=msg.backend,
+            timeout_s=self.store_timeout_s,
+        )
+
+    def _receive_weights(self, header: WeightHeader) -> None:
+        if self.group is None or header.epoch != self.group.epoch:
+            logger.warning("weight header for epoch %d but this actor is not in it; ignored", header.epoch)
+            return
+        broadcast.check_compatible(header, self.params)
+        seconds = broadcast.receive(header, self.params, torch.device(self.device))
+        self.engine.set_version(header.version)
+        self.has_weights = True
+        logger.debug("weights v%d received in %.3f s", header.version, seconds)
+
+    def _maybe_request_leases(self) -> None:
+        if self.request_out or time.monotonic() < self.next_request_at:
+            return
+        g = self.cfg.rollout.group_size
+        if self.sync:
+            if self.engine.has_work() or self.outbox or self.pending:
+                return
+            n = self.engine.max_num_seqs // g
+        else:
+            n = min(self.engine.free_slots() // g, self.cfg.rollout.prompts_per_request)
+        if n >= 1:
+            self.client.send(LeaseRequest(self.actor_id, n))
+            self.request_out = True
+
+    def _maybe_heartbeat(self) -> None:
+        now = time.monotonic()
+        if now >= self.next_heartbeat_at:
+            self.client.send(Heartbeat(self.actor_id, self.engine.version, len(self.pending)))
+            self.next_heartbeat_at = now + self.cfg.transport.heartbeat_s
+
+    # ------------------------------------------------------------------ samples
+
+    def _start(self, lease: Lease) -> None:
+        prompt_ids = render_prompt(self.tokenizer, lease.question, self.cfg.data.template)
+        self.pending[lease.lease_id] = _Pending(lease, prompt_ids)
+        self.engine.add(Request(lease.lease_id, prompt_ids, self.cfg.rollout.group_size, lease.seq))
+
+    def _collect(self, sample: Sample) -> None:
+        pending = self.pending[sample.request_id]
+        pending.samples.append(sample)
+        if len(pending.samples) < self.cfg.rollout.group_size:
+            return
+        del self.pending[sample.request_id]
+        group = self._score(pending)
+        self.outbox[group.lease_id] = group
+        if not self.client.push(group, timeout_s=self.cfg.transport.request_timeout_s):
+            logger.warning(
+                "trajectory queue full for %.0f s; lease %d stays in the outbox", 0, group.lease_id
+            )
+        self.groups_sent += 1
+
+    def _score(self, pending: _Pending) -> TrajectoryGroup:
+        responses = []
+        eos = self.tokenizer.eos_token_id
+        for s in sorted(pending.samples, key=lambda s: s.index):
+            body = s.token_ids[:-1] if s.token_ids and s.token_ids[-1] == eos else s.token_ids
+            reward = math_reward(response_text(self.tokenizer, body), pending.lease.answer)
+            responses.append(
+                Response(
+                    token_ids=np.asarray(s.token_ids, dtype=np.int32),
+                    logprobs=np.asarray(s.logprobs, dtype=np.float32),
+                    versions=np.asarray(s.versions, dtype=np.int32),
+                    reward=reward,
+                    finish_reason=FinishReason(s.finish_reason),
+                )
+            )
+        return TrajectoryGroup(
+            lease_id=pending.lease.lease_id,
+            prompt_id=pending.lease.prompt_id,
+            actor_id=self.actor_id,
+            prompt_token_ids=np.asarray(pending.prompt_ids, dtype=np.int32),
+            responses=responses,
+        )
+
+    def close(self) -> None:
+        self.engine.close()
+        if self.group is not None:
+            self.group.close()
+
+
+# ---------------------------------------------------------------------- entry point
+
+
+def resolve_learner(learner: str) -> str:
+    """The learner's control endpoint from ``HOST:PORT``, ``tcp://...`` or an endpoints.json."""
+    if learner.startswith("tcp://"):
+        return learner
+    if learner.endswith(".json") or os.path.isdir(learner):
+        path = learner if learner.endswith(".json") else os.path.join(learner, "endpoints.json")
+        return Endpoints.load(path).control  # type: ignore[arg-type]
+    if ":" in learner:
+        return f"tcp://{learner}"
+    raise ValueError(f"learner={learner!r}: give HOST:PORT, tcp://HOST:PORT or path/to/endpoints.json")
+
+
+def register(client: ActorClient, *, timeout_s: float, give_up_s: float) -> Registered:
+    """Register with the learner, retrying with backoff and saying where it is trying."""
+    deadline = time.monotonic() + give_up_s
+    backoff = 1.0
+    while True:
+        client.send(Register(client.actor_id, SCHEMA_VERSION, os.getpid(), socket.gethostname()))
+        reply = client.recv(min(timeout_s, max(0.1, deadline - time.monotonic())))
+        match reply:
+            case Registered():
+                return reply
+            case Rejected(reason=reason):
+                raise RuntimeError(f"the learner refused this actor: {reason}")
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"no learner answered at {client.endpoint} within {give_up_s:.0f} s")
+        logger.info("no answer from the learner at %s yet; retrying in %.0f s", client.endpoint, backoff)
+        time.sleep(backoff)
+        backoff = min(backoff * 2, 15.0)
+
+
+def run_actor(
+    learner: str, *, actor_id: str, device: str = "cpu", num_threads: int = 0, give_up_s: float = 600.0
+) -> str:
+    """Entry point of one actor process. Returns why it stopped."""
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    client = ActorClient(resolve_learner(learner), actor_id, high_water_mark=1000, max_message_mb=64)
+    actor = None
+    try:
+        registered = register(client, timeout_s=5.0, give_up_s=give_up_s)
+        client.connect_trajectory(registered.trajectory_endpoint)
+        logger.info("actor %s registered (learner at v%d)", actor_id, registered.version)
+        actor = Actor(
+            client,
+            registered,
+            device=device,
+            store_timeout_s=float(registered.config["weight_sync"]["timeout_s"]),
+        )
+        reason = actor.run()
+        logger.info("actor %s stopping: %s (%d groups sent)", actor_id, reason, actor.groups_sent)
+        return reason
+    finally:
+        if actor is not None:
+            with contextlib.suppress(Exception):  # the learner may already be gone
+                client.send(Bye(actor_id, "actor exiting"))
+            actor.close()
+        client.close()

@@ -1,0 +1,34 @@
+"""The engine factory: one explicit choice of inference engine per actor."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from async_rl.config import Config, EngineKind
+
+
+def make_engine(cfg: Config, model_path: str, *, device: str, eos_token_id: int, pad_token_id: int) -> Any:
+    rollout = cfg.rollout
+    match rollout.engine:
+        case EngineKind.TORCH:
+            from actors.torch_engine import TorchEngine
+
+            return TorchEngine(
+                model_path,
+                device=device,
+                dtype=getattr(torch, cfg.model.dtype),
+                max_num_seqs=rollout.max_num_seqs,
+                max_new_tokens=rollout.max_new_tokens,
+                temperature=rollout.temperature,
+                top_p=rollout.top_p,
+                eos_token_id=eos_token_id,
+                pad_token_id=pad_token_id,
+                seed=cfg.seed,
+            )
+        case EngineKind.SGLANG:
+            raise NotImplementedError(
+                "rollout.engine=sglang is not available in this release (tracked in the long-tail "
+                "issue); use rollout.engine=torch"
+            )

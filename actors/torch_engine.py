@@ -1,0 +1,265 @@
+"""The built-in inference engine: a Hugging Face causal LM with a KV cache, on any device.
+
+* Up to ``max_num_seqs`` sequences are in flight in one left-padded batch.
+* Continuous batching: when sequences finish, their rows leave the batch at once and
+  waiting requests are prefilled and merged in at the next step.
+* Group sharing: the G samples of one prompt share one prefill (the cache is repeated).
+* Each token is sampled from ``actors.sampling`` and carries its logprob under the
+  distribution sampled and the policy version that sampled it.
+* Weights can be replaced between any two steps; in-flight sequences continue on their
+  cache with the new policy (partial rollout resumption, ``resume_kv=keep``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache
+
+from actors.sampling import sample, sample_keys
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Request:
+    """``n`` samples of one prompt. ``seq`` (the lease's data-cursor position) keys the RNG."""
+
+    request_id: int
+    prompt_ids: list[int]
+    n: int
+    seq: int
+
+
+@dataclass
+class Sample:
+    """One finished (or in-flight) response."""
+
+    request_id: int
+    index: int  # which of the request's n samples
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
+    finish_reason: str = ""  # "stop" | "length" once finished
+
+
+@dataclass
+class _Row:
+    sample: Sample
+    key: np.uint64
+    length: int  # real tokens in the cache for this row
+
+
+class TorchEngine:
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        device: str,
+        dtype: torch.dtype,
+        max_num_seqs: int,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        eos_token_id: int,
+        pad_token_id: int,
+        seed: int,
+    ) -> None:
+        self.device = torch.device(device)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.device).eval()
+        self.model.requires_grad_(False)
+        self.max_num_seqs = max_num_seqs
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.top_p = top_p
+        self.eos_token_id = eos_token_id
+        self.pad_token_id = pad_token_id
+        self.seed = seed
+        self.version = 0
+        self._waiting: list[Request] = []
+        self._rows: list[_Row] = []
+        self._cache: DynamicCache | None = None
+        self._mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)
+        self._next_input = torch.zeros(0, dtype=torch.long, device=self.device)
+        self.generated_tokens = 0
+
+    # ------------------------------------------------------------------ requests
+
+    def add(self, request: Request) -> None:
+        if request.n > self.max_num_seqs:
+            raise ValueError(
+                f"a request of {request.n} samples exceeds rollout.max_num_seqs={self.max_num_seqs}"
+            )
+        self._waiting.append(request)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._rows)
+
+    @property
+    def num_waiting(self) -> int:
+        return sum(r.n for r in self._waiting)
+
+    def has_work(self) -> bool:
+        return bool(self._rows or self._waiting)
+
+    def free_slots(self) -> int:
+        return self.max_num_seqs - len(self._rows) - self.num_waiting
+
+    # ------------------------------------------------------------------ stepping
+
+    @torch.no_grad()
+    def step(self) -> list[Sample]:
+        """Admit waiting requests into free rows (their prefill samples their first token),
+        then one decode step for every row. Returns the samples that finished."""
+        finished: list[Sample] = []
+        if self._admit():
+            finished += self._retire()  # a first token may already be EOS
+        if self._rows:
+            self._decode()
+            finished += self._retire()
+        return finished
+
+    def _admit(self) -> int:
+        """Prefill waiting requests that fit; merge them at the end of the batch."""
+        take: list[Request] = []
+        free = self.max_num_seqs - len(self._rows)
+        while self._waiting and self._waiting[0].n <= free:
+            request = self._waiting.pop(0)
+            take.append(request)
+            free -= request.n
+        if not take:
+            return 0
+        width = max(len(r.prompt_ids) for r in take)
+        ids = torch.full((len(take), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(take), width), dtype=torch.long)
+        for i, r in enumerate(take):
+            ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
+            mask[i, width - len(r.prompt_ids) :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+            past_key_values=cache,
+            use_cache=True,
+        )
+        # One prefill per prompt, then repeat its cache row for each of the n samples.
+        repeat = torch.tensor([r.n for r in take], device=self.device)
+        index = torch.repeat_interleave(torch.arange(len(take), device=self.device), repeat)
+        _select_rows(cache, index)
+        logits = out.logits[:, -1].index_select(0, index)
+        new_rows = [
+            _Row(Sample(r.request_id, k), key, len(r.prompt_ids))
+            for r in take
+            for k, key in zip(range(r.n), sample_keys(self.seed, np.full(r.n, r.seq), np.arange(r.n)))
+        ]
+        tokens = self._sample_into(new_rows, logits)
+        self._merge(cache, mask.index_select(0, index), tokens, new_rows)
+        return len(new_rows)
+
+    def _decode(self) -> None:
+        """Feed every row its last sampled token; sample the next one."""
+        lengths = torch.tensor([r.length for r in self._rows], device=self.device)
+        self._mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], dim=1)
+        out = self.model(
+            input_ids=self._next_input.unsqueeze(-1),
+            attention_mask=self._mask,
+            position_ids=lengths.unsqueeze(-1),
+            past_key_values=self._cache,
+            use_cache=True,
+        )
+        for row in self._rows:
+            row.length += 1
+        self._next_input = self._sample_into(self._rows, out.logits[:, -1])
+
+    def _sample_into(self, rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
+        if not rows:
+            return torch.zeros(0, dtype=torch.long, device=self.device)
+        keys = np.array([r.key for r in rows], dtype=np.uint64)
+        steps = np.array([len(r.sample.token_ids) for r in rows])
+        tokens, logprobs = sample(logits, keys, steps, temperature=self.temperature, top_p=self.top_p)
+        for row, token, logprob in zip(rows, tokens.tolist(), logprobs.tolist()):
+            row.sample.token_ids.append(token)
+            row.sample.logprobs.append(logprob)
+            row.sample.versions.append(self.version)
+        self.generated_tokens += len(rows)
+        return tokens
+
+    def _merge(self, cache: DynamicCache, mask: torch.Tensor, tokens: torch.Tensor, rows: list[_Row]) -> None:
+        if self._cache is None or not self._rows:
+            self._cache, self._mask, self._next_input, self._rows = cache, mask, tokens, rows
+            return
+        width = max(self._mask.shape[1], mask.shape[1])
+        for old, new in zip(self._cache.layers, cache.layers):
+            old.keys = torch.cat([_left_pad(old.keys, width, 2), _left_pad(new.keys, width, 2)])
+            old.values = torch.cat([_left_pad(old.values, width, 2), _left_pad(new.values, width, 2)])
+        self._mask = torch.cat([_left_pad(self._mask, width, 1), _left_pad(mask, width, 1)])
+        self._next_input = torch.cat([self._next_input, tokens])
+        self._rows += rows
+
+    def _retire(self) -> list[Sample]:
+        """Remove finished rows from the batch and trim all-padding cache columns."""
+        done = []
+        keep = []
+        for i, row in enumerate(self._rows):
+            s = row.sample
+            if s.token_ids and s.token_ids[-1] == self.eos_token_id:
+                s.finish_reason = "stop"
+            elif len(s.token_ids) >= self.max_new_tokens:
+                s.finish_reason = "length"
+            else:
+                keep.append(i)
+                continue
+            done.append(s)
+        if not done:
+            return []
+        if not keep:
+            self._rows, self._cache = [], None
+            self._mask = self._mask[:0, :0]
+            self._next_input = self._next_input[:0]
+            return done
+        index = torch.tensor(keep, device=self.device)
+        assert self._cache is not None
+        _select_rows(self._cache, index)
+        self._mask = self._mask.index_select(0, index)
+        self._next_input = self._next_input.index_select(0, index)
+        self._rows = [self._rows[i] for i in keep]
+        # Columns that are padding in every remaining row carry nothing: drop them.
+        first = int((self._mask.sum(0) > 0).nonzero()[0])
+        if first:
+            self._mask = self._mask[:, first:]
+            for layer in self._cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+        return done
+
+    # ------------------------------------------------------------------ weights
+
+    def parameters(self) -> dict[str, torch.Tensor]:
+        """The engine's parameters by name, for the weight receiver to copy into."""
+        return dict(self.model.named_parameters())
+
+    def set_version(self, version: int) -> None:
+        self.version = version
+
+    def close(self) -> None:
+        self._rows, self._waiting, self._cache = [], [], None
+
+
+def _left_pad(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    missing = width - x.shape[dim]
+    if missing == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+
+def _select_rows(cache: DynamicCache, index: torch.Tensor) -> None:
+    for layer in cache.layers:
+        layer.keys = layer.keys.index_select(0, index)
+        layer.values = layer.values.index_select(0, index)

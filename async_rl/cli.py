@@ -1,0 +1,125 @@
+"""``async-rl``: the command line. Thin: parse, set up logging, import the heavy parts lazily.
+
+    async-rl train   [OVERRIDES]       learner + rollout.num_actors actors, with progress
+    async-rl learner [OVERRIDES]       the learner alone (actors join it later)
+    async-rl actor learner=ADDR [...]  one generator actor, on this machine or another
+
+OVERRIDES are Hydra overrides such as ``rollout.max_staleness=4 trainer.max_steps=50``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+logger = logging.getLogger("async_rl")
+
+_EPILOG = """examples:
+  async-rl train                                   the embedded demo (tiny model, arithmetic)
+  async-rl train mode=sync trainer.max_steps=20    synchronous baseline
+  async-rl train model.path=DIR data.kind=jsonl data.path=train.jsonl data.eval_path=test.jsonl
+  async-rl learner run_dir=runs/a                  then, anywhere:
+  async-rl actor learner=runs/a/endpoints.json     (or learner=HOST:PORT)
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="async-rl",
+        description="Asynchronous RL from verifiable rewards (DAPO) for language models.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, text in (
+        ("train", "run the learner and rollout.num_actors actors as processes, showing progress"),
+        ("learner", "run the learner alone; it writes endpoints.json and waits for actors"),
+    ):
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. rollout.max_staleness=2")
+    p = sub.add_parser("actor", help="run one generator actor", description="run one generator actor")
+    p.add_argument(
+        "options",
+        nargs="*",
+        help="learner=HOST:PORT|path/to/endpoints.json (required), id=NAME, device=cpu|cuda, threads=N",
+    )
+    return parser
+
+
+def setup_logging(level: str, log_file: Path | None = None) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file is not None:
+        handlers.append(logging.FileHandler(log_file))
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname).1s %(processName)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        handlers=handlers,
+        force=True,
+    )
+    # Library progress bars and advisory warnings would drown the run's own output.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched from a hub
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def _actor_options(options: list[str]) -> dict[str, str]:
+    known = {"learner", "id", "device", "threads", "log_level"}
+    parsed = {}
+    for item in options:
+        key, sep, value = item.partition("=")
+        if not sep or key not in known:
+            raise ValueError(f"actor option {item!r}: expected one of {sorted(known)} as key=value")
+        parsed[key] = value
+    if "learner" not in parsed:
+        raise ValueError("actor needs learner=HOST:PORT or learner=path/to/endpoints.json")
+    return parsed
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command is None:
+        _parser().print_help()
+        return 2
+    try:
+        match args.command:
+            case "train":
+                from async_rl.launcher import train
+
+                return train(args.overrides)
+            case "learner":
+                from async_rl.launcher import learner
+
+                return learner(args.overrides)
+            case "actor":
+                opts = _actor_options(args.options)
+                setup_logging(opts.get("log_level", "INFO"))
+                from actors.actor import run_actor
+
+                run_actor(
+                    opts["learner"],
+                    actor_id=opts.get("id") or f"actor-{os.uname().nodename}-{os.getpid()}",
+                    device=opts.get("device", "cpu"),
+                    num_threads=int(opts.get("threads", "0")),
+                )
+                return 0
+    except (ValueError, FileNotFoundError, TimeoutError, OSError, RuntimeError) as err:
+        # Errors a user can cause get one line that names the thing and the fix.
+        print(f"async-rl {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"async-rl {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,330 @@
+"""Structured configuration: one dataclass per component, registered in Hydra's ConfigStore.
+
+YAML files in ``configs/`` only choose and override values. Every command takes Hydra
+overrides (``rollout.max_staleness=4 algorithm.eps_high=0.28``). A misspelled key or a
+wrong type fails in Hydra with a message that names the key; a value out of range fails in
+``__post_init__`` with a ``ValueError`` that names the field and the fix.
+
+The entry point converts the composed config to these typed objects once and passes the
+sub-configs down; nothing below the CLI sees a DictConfig.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class _ByValue(enum.EnumMeta):
+    """OmegaConf looks enum members up by name; let users write the lowercase value
+    (``mode=sync``, ``data.kind=jsonl``) while the code keeps UPPER_CASE names."""
+
+    def __getitem__(cls, name: str) -> Any:  # type: ignore[override]
+        return super().__getitem__(name.upper())
+
+
+class Mode(enum.Enum, metaclass=_ByValue):
+    ASYNC = "async"  # generation never stops; staleness bounded by rollout.max_staleness
+    SYNC = "sync"  # generate a batch, train, sync, repeat (max_staleness forced to 0)
+
+
+class DataKind(enum.Enum, metaclass=_ByValue):
+    ARITHMETIC = "arithmetic"  # seeded synthetic a+b task (the embedded default)
+    LONG_TAIL = "long_tail"  # arithmetic with a long-tailed response-length distribution
+    JSONL = "jsonl"  # question/answer rows from data.path / data.eval_path
+    PARQUET = "parquet"  # same, parquet files (needs the [parquet] extra)
+    GSM8K = "gsm8k"  # the GSM8K jsonl files in data.path (a directory with train/test.jsonl)
+
+
+class Template(enum.Enum, metaclass=_ByValue):
+    AUTO = "auto"  # the tokenizer's chat template if it has one, else verbatim
+    NONE = "none"  # the question verbatim
+
+
+class EngineKind(enum.Enum, metaclass=_ByValue):
+    TORCH = "torch"  # built-in engine, any torch device
+    SGLANG = "sglang"  # SGLang (GPU only, [sglang] extra)
+
+
+class SyncBackend(enum.Enum, metaclass=_ByValue):
+    AUTO = "auto"  # nccl when the learner is on CUDA, else gloo
+    GLOO = "gloo"
+    NCCL = "nccl"
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+@dataclass
+class ModelConfig:
+    # A local Hugging Face causal-LM directory. Empty: the embedded tiny Qwen2 model with a
+    # character-level tokenizer, built on first use into the user's cache directory.
+    path: str = ""
+    # Seed of the embedded model's random initialisation (ignored with model.path).
+    init_seed: int = 0
+    # Torch dtype of learner and engine weights: float32 | bfloat16 | float16.
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        _check(
+            self.dtype in ("float32", "bfloat16", "float16"),
+            f"model.dtype={self.dtype!r}: use float32, bfloat16 or float16",
+        )
+
+
+@dataclass
+class DataConfig:
+    kind: DataKind = DataKind.ARITHMETIC
+    # Training prompts (jsonl/parquet file, or the GSM8K directory). Unused for arithmetic.
+    path: str = ""
+    # Held-out prompts for eval/accuracy. Empty for jsonl/parquet: no evaluation.
+    eval_path: str = ""
+    template: Template = Template.AUTO
+    # Column names of the question and the reference answer in jsonl/parquet rows.
+    question_key: str = "question"
+    answer_key: str = "answer"
+    # Synthetic tasks: number of prompts drawn for the train pool and the held-out split.
+    train_size: int = 20000
+    eval_size: int = 200
+    # Synthetic tasks: operand digits (1..4).
+    digits: int = 2
+    # Evaluate on at most this many held-out prompts (0 = all).
+    eval_limit: int = 200
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.digits <= 4, f"data.digits={self.digits}: use 1..4")
+        _check(self.eval_size >= 1, f"data.eval_size={self.eval_size}: must be >= 1")
+        _check(self.eval_limit >= 0, f"data.eval_limit={self.eval_limit}: must be >= 0 (0 = all)")
+        if self.kind in (DataKind.JSONL, DataKind.PARQUET, DataKind.GSM8K):
+            _check(
+                bool(self.path),
+                f"data.kind={self.kind.value} needs data.path=FILE (the training prompts)",
+            )
+
+
+@dataclass
+class RolloutConfig:
+    # Generator actor processes started by `async-rl train`.
+    num_actors: int = 1
+    # Responses sampled per prompt (G). DAPO uses 16; 8 suits the tiny model.
+    group_size: int = 8
+    # A group is trained at most this many policy versions after its lease was granted.
+    # 0 with mode=sync is the synchronous baseline.
+    max_staleness: int = 1
+    # Response length cap in tokens; a response that reaches it finishes with "length".
+    max_new_tokens: int = 8
+    # Sampling temperature (DAPO: 1.0) and nucleus mass (1.0 = off).
+    temperature: float = 1.0
+    top_p: float = 1.0
+    engine: EngineKind = EngineKind.TORCH
+    # Sequences in flight per engine (continuous batching width).
+    max_num_seqs: int = 128
+    # Prompts an actor asks for per lease request.
+    prompts_per_request: int = 8
+    # A lease not completed in this many seconds is re-issued to another actor.
+    lease_timeout_s: float = 120.0
+    # torch CPU threads per actor process (0 = share the machine's cores evenly).
+    num_threads: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.num_actors >= 1, f"rollout.num_actors={self.num_actors}: must be >= 1")
+        _check(self.group_size >= 1, f"rollout.group_size={self.group_size}: must be >= 1")
+        _check(self.max_staleness >= 0, f"rollout.max_staleness={self.max_staleness}: must be >= 0")
+        _check(self.max_new_tokens >= 1, f"rollout.max_new_tokens={self.max_new_tokens}: must be >= 1")
+        _check(self.temperature > 0, f"rollout.temperature={self.temperature}: must be > 0")
+        _check(0 < self.top_p <= 1, f"rollout.top_p={self.top_p}: must be in (0, 1]")
+        _check(self.max_num_seqs >= 1, f"rollout.max_num_seqs={self.max_num_seqs}: must be >= 1")
+        _check(self.prompts_per_request >= 1, "rollout.prompts_per_request: must be >= 1")
+        _check(self.lease_timeout_s > 0, "rollout.lease_timeout_s: must be > 0")
+
+
+@dataclass
+class TrainerConfig:
+    # Groups (prompts) per optimizer step.
+    batch_groups: int = 16
+    # Optimizer steps of the RL phase.
+    max_steps: int = 200
+    # AdamW learning rate and weight decay.
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    # Gradient-norm clip (0 = off).
+    grad_clip: float = 1.0
+    # Mini-batches per step (each one optimizer step against the same proximal policy).
+    mini_batches: int = 1
+    # Broadcast weights every this many steps.
+    sync_every: int = 1
+    # Evaluate greedy accuracy on the held-out split every this many steps (0 = never).
+    eval_every: int = 10
+    # Checkpoint every this many steps (0 = only at the end).
+    checkpoint_every: int = 0
+    # Supervised warm-start steps on the reference answers before RL (arithmetic tasks).
+    warmup_sft_steps: int = 0
+    warmup_sft_batch: int = 64
+    warmup_sft_lr: float = 3e-3
+    # Learner device: "cpu", "cuda", "cuda:1", or "auto".
+    device: str = "auto"
+    # torch CPU threads in the learner (0 = share the machine's cores evenly).
+    num_threads: int = 0
+    # Stop with an error if no trajectory arrives for this long.
+    idle_timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        _check(self.batch_groups >= 1, f"trainer.batch_groups={self.batch_groups}: must be >= 1")
+        _check(self.max_steps >= 0, f"trainer.max_steps={self.max_steps}: must be >= 0")
+        _check(self.lr > 0, f"trainer.lr={self.lr}: must be > 0")
+        _check(self.mini_batches >= 1, f"trainer.mini_batches={self.mini_batches}: must be >= 1")
+        _check(
+            self.mini_batches <= self.batch_groups,
+            f"trainer.mini_batches={self.mini_batches} > trainer.batch_groups={self.batch_groups}",
+        )
+        _check(self.sync_every >= 1, f"trainer.sync_every={self.sync_every}: must be >= 1")
+        _check(self.eval_every >= 0, f"trainer.eval_every={self.eval_every}: must be >= 0")
+        _check(self.checkpoint_every >= 0, "trainer.checkpoint_every: must be >= 0")
+        _check(self.warmup_sft_steps >= 0, "trainer.warmup_sft_steps: must be >= 0")
+
+
+@dataclass
+class AlgorithmConfig:
+    # Decoupled clip range (DAPO): ratio clipped to [1 - eps_low, 1 + eps_high].
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    # Truncation of the behaviour -> proximal importance weight.
+    is_cap: float = 2.0
+    # Drop groups whose rewards are all equal (no signal) and lease more prompts instead.
+    dynamic_sampling: bool = True
+    # Soft overlong punishment: linear penalty over the last `overlong_buffer` tokens
+    # before rollout.max_new_tokens (0 = off), reaching -overlong_penalty at the cap.
+    overlong_buffer: int = 0
+    overlong_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.eps_low < 1, f"algorithm.eps_low={self.eps_low}: must be in [0, 1)")
+        _check(self.eps_high >= 0, f"algorithm.eps_high={self.eps_high}: must be >= 0")
+        _check(self.is_cap >= 1, f"algorithm.is_cap={self.is_cap}: must be >= 1")
+        _check(self.overlong_buffer >= 0, "algorithm.overlong_buffer: must be >= 0")
+
+
+@dataclass
+class TransportConfig:
+    # Interface the learner binds to (127.0.0.1 for one machine, 0.0.0.0 for a cluster).
+    host: str = "127.0.0.1"
+    # Ports (0 = pick a free one; the choice is written to endpoints.json).
+    control_port: int = 0
+    trajectory_port: int = 0
+    store_port: int = 0
+    # Bounded queues (messages) on every socket.
+    high_water_mark: int = 1000
+    # Largest accepted message (MiB); larger ones are dropped by ZMQ before decoding.
+    max_message_mb: int = 64
+    # Receive timeout of a request/reply round trip (s).
+    request_timeout_s: float = 30.0
+    # Actor heartbeat period (s).
+    heartbeat_s: float = 2.0
+
+
+@dataclass
+class WeightSyncConfig:
+    backend: SyncBackend = SyncBackend.AUTO
+    # Flat bucket size per dtype (MiB).
+    bucket_mb: int = 64
+    # Deadline of every collective and of group formation (s).
+    timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        _check(self.bucket_mb >= 1, f"weight_sync.bucket_mb={self.bucket_mb}: must be >= 1")
+        _check(self.timeout_s > 0, f"weight_sync.timeout_s={self.timeout_s}: must be > 0")
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    mode: Mode = Mode.ASYNC
+    # Run directory. Empty: outputs/<date>/<time> under the working directory.
+    run_dir: str = ""
+    # Console log level of every process.
+    log_level: str = "INFO"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    transport: TransportConfig = field(default_factory=TransportConfig)
+    weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
+
+    def __post_init__(self) -> None:
+        if self.mode is Mode.SYNC:
+            # Sync mode is the same system with no staleness: generation waits for training.
+            self.rollout.max_staleness = 0
+
+    @property
+    def max_staleness(self) -> int:
+        return self.rollout.max_staleness
+
+
+def register_configs() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+
+
+def compose(config_name: str = "train", overrides: list[str] | None = None) -> Config:
+    """Compose ``configs/<config_name>.yaml`` with ``overrides`` into a typed ``Config``.
+
+    Raises ``ValueError`` with one readable line for a typo, a wrong type or a bad value.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    register_configs()
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfg = hydra_compose(config_name=config_name, overrides=overrides or [])
+        obj: Any = OmegaConf.to_object(cfg)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ValueError(f"bad configuration: {_first_line(err)}") from None
+    assert isinstance(obj, Config)
+    return obj
+
+
+def _first_line(err: BaseException) -> str:
+    """Hydra's messages span lines (the key, the value, the schema): keep them on one."""
+    text = str(err) + ("\n" + str(err.__cause__) if err.__cause__ else "")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith(("full_key:", "object_type="))] or lines
+    return " ".join(lines) if lines else type(err).__name__
+
+
+def to_dict(cfg: Any) -> Any:
+    """Plain-Python view of a config (enums as their values), for YAML and msgpack."""
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, enum.Enum):
+        return cfg.value
+    return cfg
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Inverse of ``to_dict``: validated through the same schema as the CLI."""
+    from omegaconf import OmegaConf
+
+    merged = OmegaConf.merge(OmegaConf.structured(Config), data)
+    obj = OmegaConf.to_object(merged)
+    assert isinstance(obj, Config)
+    return obj
+
+
+def default_threads(num_processes: int) -> int:
+    """Cores per process when ``num_processes`` share this machine."""
+    return max(1, (os.cpu_count() or 1) // max(1, num_processes))

@@ -1,0 +1,196 @@
+"""Process launching: ``async-rl train`` (learner + actors, with progress) and
+``async-rl learner`` (the learner alone).
+
+Every role is a separate OS process that talks only through ZeroMQ and
+torch.distributed, exactly as on a cluster. The launcher starts them, shows progress from
+``metrics.jsonl``, and on completion or Ctrl-C stops the processes it started, by pid.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from async_rl.config import Config, compose, default_threads, to_dict
+
+logger = logging.getLogger(__name__)
+
+# How long processes get to exit on their own after the learner is done or Ctrl-C.
+_EXIT_GRACE_S = 15.0
+
+
+def make_run_dir(cfg: Config) -> Path:
+    if cfg.run_dir:
+        run_dir = Path(cfg.run_dir)
+    else:
+        now = datetime.datetime.now()
+        run_dir = Path("outputs") / now.strftime("%Y-%m-%d") / now.strftime("%H-%M-%S-%f")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir.resolve()
+
+
+def write_config(cfg: Config, run_dir: Path) -> None:
+    import yaml
+
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def learner(overrides: list[str]) -> int:
+    """``async-rl learner``: run the learner in this process until max_steps or a signal."""
+    from async_rl.cli import setup_logging
+
+    cfg = compose("train", overrides)
+    run_dir = make_run_dir(cfg)
+    setup_logging(cfg.log_level, run_dir / "learner.log")
+    write_config(cfg, run_dir)
+    model_path = resolve_model(cfg)
+    from learners.learner import Learner
+
+    learner_ = Learner(cfg, run_dir, model_path)
+    previous = {
+        sig: signal.signal(sig, lambda *_: learner_.stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)
+    }
+    logger.info("learner up: run dir %s, control %s", run_dir, learner_.endpoints.control)
+    try:
+        learner_.run()
+    finally:
+        learner_.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+def resolve_model(cfg: Config) -> str:
+    if cfg.model.path:
+        return cfg.model.path
+    from async_rl.tiny_model import ensure_tiny_model
+
+    return str(ensure_tiny_model(cfg.model.init_seed))
+
+
+def train(overrides: list[str]) -> int:
+    """``async-rl train``: the learner and ``rollout.num_actors`` actors as processes."""
+    from async_rl.cli import setup_logging
+
+    cfg = compose("train", overrides)
+    setup_logging(cfg.log_level)
+    run_dir = make_run_dir(cfg)
+    write_config(cfg, run_dir)
+    threads = cfg.rollout.num_threads or default_threads(1 + cfg.rollout.num_actors)
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    print(f"run directory: {run_dir}", flush=True)
+    try:
+        procs["learner"] = _spawn(run_dir, "learner", ["learner", *overrides, f"run_dir={run_dir}"])
+        endpoints = run_dir / "endpoints.json"
+        _wait_for(endpoints, procs["learner"], timeout_s=120.0)
+        for i in range(cfg.rollout.num_actors):
+            name = f"actor-{i}"
+            opts = [f"learner={endpoints}", f"id={name}", f"threads={threads}", f"log_level={cfg.log_level}"]
+            procs[name] = _spawn(run_dir, name, ["actor", *opts])
+        code = _follow(run_dir, procs, cfg)
+    except KeyboardInterrupt:
+        print("\ninterrupted: stopping processes", flush=True)
+        code = 130
+    finally:
+        _stop_all(procs)
+    if code == 0:
+        print(f"done. metrics: {run_dir / 'metrics.jsonl'}", flush=True)
+    return code
+
+
+def _spawn(run_dir: Path, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+    log = (run_dir / f"{name}.out").open("wb")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # A new session: Ctrl-C in the terminal reaches only the launcher, which then stops
+    # its children in order instead of all of them dying at once mid-collective.
+    return subprocess.Popen(
+        [sys.executable, "-m", "async_rl.cli", *args],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
+
+
+def _wait_for(path: Path, proc: subprocess.Popen[bytes], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        if proc.poll() is not None:
+            raise RuntimeError(
+                f"the learner exited with code {proc.returncode}; see {path.parent / 'learner.out'}"
+            )
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the learner did not write {path} within {timeout_s:.0f} s")
+        time.sleep(0.1)
+
+
+def _follow(run_dir: Path, procs: dict[str, subprocess.Popen[bytes]], cfg: Config) -> int:
+    """Print one progress line per learner step until the learner exits."""
+    from async_rl.metrics import read_metrics
+
+    shown = 0
+    learner_proc = procs["learner"]
+    while True:
+        rows = read_metrics(run_dir / "metrics.jsonl")
+        for row in rows[shown:]:
+            print(_progress_line(row, cfg.trainer.max_steps), flush=True)
+        shown = len(rows)
+        if learner_proc.poll() is not None:
+            break
+        for name, proc in procs.items():
+            if name != "learner" and proc.poll() is not None and proc.returncode != 0:
+                print(
+                    f"{name} exited with code {proc.returncode}; see {run_dir / (name + '.out')}", flush=True
+                )
+                return 1
+        time.sleep(0.25)
+    for row in read_metrics(run_dir / "metrics.jsonl")[shown:]:
+        print(_progress_line(row, cfg.trainer.max_steps), flush=True)
+    if learner_proc.returncode != 0:
+        print(
+            f"learner exited with code {learner_proc.returncode}; see {run_dir / 'learner.out'}", flush=True
+        )
+        _print_tail(run_dir / "learner.out")
+        return 1
+    return 0
+
+
+def _progress_line(row: dict[str, Any], max_steps: int) -> str:
+    parts = [f"step {row['step']:>4}/{max_steps}", f"{row.get('time_s', 0):7.1f}s"]
+    if "reward/mean" in row:
+        parts.append(f"reward {row['reward/mean']:.3f}")
+    if row.get("eval/accuracy") is not None:
+        parts.append(f"eval acc {row['eval/accuracy']:.3f}")
+    parts.append(
+        f"staleness {row.get('rollout/staleness_mean', 0):.2f}/{row.get('rollout/staleness_max', 0)}"
+    )
+    parts.append(f"gen {row.get('throughput/gen_tokens_per_s', 0):7.0f} tok/s")
+    parts.append(f"filtered {row.get('rollout/filtered_groups', 0)}")
+    return "  ".join(parts)
+
+
+def _print_tail(path: Path, lines: int = 20) -> None:
+    if path.exists():
+        for line in path.read_text(errors="replace").splitlines()[-lines:]:
+            print(f"  | {line}", flush=True)
+
+
+def _stop_all(procs: dict[str, subprocess.Popen[bytes]]) -> None:
+    """Stop the processes this launcher started, by pid: SIGTERM, then SIGKILL after a grace."""
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM if proc is procs.get("learner") else signal.SIGINT)
+    deadline = time.monotonic() + _EXIT_GRACE_S
+    for proc in procs.values():
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)

@@ -1,0 +1,422 @@
+"""The learner process: coordinator, buffer and dynamic filter, DAPO trainer, weight publisher.
+
+Two threads:
+
+* the service thread owns the ZMQ sockets. It answers registrations and lease requests
+  (admission control in ``Coordinator``), validates arriving groups, applies the dynamic
+  sampling filter, acknowledges, and buffers accepted groups in arrival order;
+* the main thread trains: it takes ``batch_groups`` groups in order, runs one step,
+  bumps the version and broadcasts the weights every ``sync_every`` steps.
+
+Messages the main thread sends (weight headers, join, bye) go through a queue that the
+service thread drains, so exactly one thread ever touches a socket.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from async_rl.config import Config, SyncBackend, default_threads, to_dict
+from async_rl.coordinator import Coordinator, Outcome
+from async_rl.data import PromptSource, build_datasets
+from async_rl.metrics import MetricsWriter
+from async_rl.schema import (
+    SCHEMA_VERSION,
+    Ack,
+    Bye,
+    Heartbeat,
+    JoinGroup,
+    LeaseGrant,
+    LeaseRequest,
+    Message,
+    Register,
+    Registered,
+    Rejected,
+    SchemaError,
+    TrajectoryGroup,
+    Wait,
+    check_group,
+)
+from async_rl.text import check_model_dir, load_tokenizer
+from async_rl.transport import Endpoints, LearnerServer
+from learners.checkpoint import save_checkpoint
+from learners.evaluate import greedy_accuracy
+from learners.trainer import StepParams, make_batch, train_step
+from learners.warmstart import warm_start
+from weight_sync import broadcast
+from weight_sync.group import SyncGroup, host_store
+
+logger = logging.getLogger(__name__)
+
+# How long an actor told to wait should wait before asking again: short, so a freed
+# slot is refilled within a few decode steps.
+_RETRY_AFTER_S = 0.02
+
+
+@dataclass
+class _Accepted:
+    seq: int
+    group: TrajectoryGroup
+
+
+class Learner:
+    def __init__(self, cfg: Config, run_dir: Path, model_path: str) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        torch.set_num_threads(cfg.trainer.num_threads or default_threads(1 + cfg.rollout.num_actors))
+        torch.manual_seed(cfg.seed)
+        self.device = torch.device(_pick_device(cfg.trainer.device))
+        check_model_dir(model_path)
+        self.model_path = model_path
+        self.tokenizer = load_tokenizer(model_path)
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, cfg.model.dtype))
+        self.model.to(self.device).eval()
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay
+        )
+        self.train_prompts, self.eval_prompts = build_datasets(cfg.data, seed=cfg.seed)
+        self.coordinator = Coordinator(
+            PromptSource(self.train_prompts, seed=cfg.seed),
+            batch_groups=cfg.trainer.batch_groups,
+            max_staleness=cfg.rollout.max_staleness,
+            lease_timeout_s=cfg.rollout.lease_timeout_s,
+        )
+        t = cfg.transport
+        self.server = LearnerServer(
+            t.host,
+            t.control_port,
+            t.trajectory_port,
+            high_water_mark=t.high_water_mark,
+            max_message_mb=t.max_message_mb,
+        )
+        self.store = host_store(t.host, t.store_port, cfg.weight_sync.timeout_s)
+        self.endpoints = Endpoints(
+            self.server.control_endpoint, self.server.trajectory_endpoint, t.host, self.store.port
+        )
+        self.endpoints.save(self.run_dir / "endpoints.json")
+        self.metrics = MetricsWriter(self.run_dir)
+        self.version = 0
+        self.epoch = -1
+        self.group: SyncGroup | None = None
+        self.members: list[str] = []
+        self.actors: dict[str, float] = {}  # registered actor id -> last heard from (monotonic)
+        self.buffer: queue.Queue[_Accepted] = queue.Queue()
+        self.outgoing: queue.Queue[tuple[str, Message]] = queue.Queue()
+        self.stop = threading.Event()
+        self.gen_tokens = 0  # generated tokens received, filtered groups included
+        self.filtered = 0
+        self.rejected = 0
+        self._service = threading.Thread(target=self._serve, name="learner-service", daemon=True)
+
+    # ------------------------------------------------------------------ main thread
+
+    def run(self) -> None:
+        """Warm start, form the group, then train ``max_steps`` steps."""
+        tr = self.cfg.trainer
+        self._service.start()
+        if tr.warmup_sft_steps:
+            self._warm_start()
+        self._form_group()
+        sync_s = self._publish()
+        start = time.monotonic()
+        last = {"time": start, "tokens": self.gen_tokens, "filtered": 0}
+        self._log_step(0, {"time/weight_sync_s": sync_s} | self._evaluate(), start, last)
+        while self.version < tr.max_steps and not self.stop.is_set():
+            wait_start = time.monotonic()
+            groups = self._next_batch()
+            if groups is None:
+                break
+            train_start = time.monotonic()
+            metrics = {"time/wait_s": train_start - wait_start} | self._train(groups)
+            metrics["time/train_s"] = time.monotonic() - train_start
+            if self.version % tr.sync_every == 0 or self.version == tr.max_steps:
+                metrics["time/weight_sync_s"] = self._publish()
+            if tr.eval_every and (self.version % tr.eval_every == 0 or self.version == tr.max_steps):
+                metrics |= self._evaluate()
+            if tr.checkpoint_every and self.version % tr.checkpoint_every == 0:
+                self.save()
+            self._log_step(self.version, metrics, start, last)
+        self.save()
+
+    def _warm_start(self) -> None:
+        tr = self.cfg.trainer
+        loss = warm_start(
+            self.model,
+            self.tokenizer,
+            self.train_prompts,
+            steps=tr.warmup_sft_steps,
+            batch_size=tr.warmup_sft_batch,
+            lr=tr.warmup_sft_lr,
+            template=self.cfg.data.template,
+            seed=self.cfg.seed,
+        )
+        logger.info("warm start done: %d steps, final loss %.3f", tr.warmup_sft_steps, loss)
+
+    def _form_group(self) -> None:
+        """Wait for the expected actors, then form the weight-sync group with them."""
+        expected = self.cfg.rollout.num_actors
+        deadline = time.monotonic() + self.cfg.trainer.idle_timeout_s
+        next_log = 0.0
+        while len(self.actors) < expected:
+            if self.stop.is_set():
+                raise KeyboardInterrupt
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"only {len(self.actors)} of rollout.num_actors={expected} actors registered within "
+                    f"trainer.idle_timeout_s={self.cfg.trainer.idle_timeout_s:.0f} s; start them with "
+                    f"`async-rl actor learner={self.run_dir / 'endpoints.json'}`"
+                )
+            if time.monotonic() >= next_log:
+                logger.info("waiting for actors: %d of %d registered", len(self.actors), expected)
+                next_log = time.monotonic() + 10
+            time.sleep(0.05)
+        self.epoch += 1
+        self.members = sorted(self.actors)
+        backend = _backend(self.cfg.weight_sync.backend, self.device)
+        for rank, actor_id in enumerate(self.members, start=1):
+            msg = JoinGroup(
+                self.epoch,
+                rank,
+                len(self.members) + 1,
+                self.endpoints.store_host,
+                self.endpoints.store_port,
+                backend,
+            )
+            self.outgoing.put((actor_id, msg))
+        self.group = SyncGroup(
+            self.store,
+            epoch=self.epoch,
+            rank=0,
+            world_size=len(self.members) + 1,
+            backend=backend,
+            timeout_s=self.cfg.weight_sync.timeout_s,
+        )
+
+    def _publish(self) -> float:
+        """Broadcast the current weights to every member; open admission for this version."""
+        params = dict(self.model.named_parameters())
+        header = broadcast.plan(
+            params, version=self.version, epoch=self.epoch, bucket_mb=self.cfg.weight_sync.bucket_mb
+        )
+        for actor_id in self.members:
+            self.outgoing.put((actor_id, header))
+        seconds = broadcast.send(params, header, self.device)
+        self.coordinator.set_version(self.version)
+        return seconds
+
+    def _next_batch(self) -> list[_Accepted] | None:
+        """The next ``batch_groups`` accepted groups in arrival order, sorted by draw for a
+        batch layout that does not depend on timing. None if stopped."""
+        batch: list[_Accepted] = []
+        deadline = time.monotonic() + self.cfg.trainer.idle_timeout_s
+        while len(batch) < self.cfg.trainer.batch_groups:
+            if self.stop.is_set():
+                return None
+            try:
+                batch.append(self.buffer.get(timeout=0.1))
+                deadline = time.monotonic() + self.cfg.trainer.idle_timeout_s
+            except queue.Empty:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"no trajectory for trainer.idle_timeout_s={self.cfg.trainer.idle_timeout_s:.0f} s "
+                        f"({len(batch)} of {self.cfg.trainer.batch_groups} groups buffered); are the actors alive?"
+                    ) from None
+        return sorted(batch, key=lambda a: a.seq)
+
+    def _train(self, accepted: list[_Accepted]) -> dict[str, Any]:
+        cfg = self.cfg
+        groups = [a.group for a in accepted]
+        batch = make_batch(groups, pad_id=self.tokenizer.pad_token_id, device=self.device)
+        params = StepParams(
+            eps_low=cfg.algorithm.eps_low,
+            eps_high=cfg.algorithm.eps_high,
+            is_cap=cfg.algorithm.is_cap,
+            temperature=cfg.rollout.temperature,
+            grad_clip=cfg.trainer.grad_clip,
+            mini_batches=cfg.trainer.mini_batches,
+            max_new_tokens=cfg.rollout.max_new_tokens,
+            overlong_buffer=cfg.algorithm.overlong_buffer,
+            overlong_penalty=cfg.algorithm.overlong_penalty,
+        )
+        metrics = train_step(self.model, self.optimizer, batch, params, version=self.version)
+        staleness = [self.version - g.min_version for g in groups]
+        spans = [int(r.versions.max() - r.versions.min()) for g in groups for r in g.responses if r.length]
+        metrics |= {
+            "reward/mean": float(batch.rewards.mean()),
+            "rollout/staleness_mean": sum(staleness) / len(staleness),
+            "rollout/staleness_max": max(staleness),
+            "rollout/mixed_version_frac": sum(s > 0 for s in spans) / max(1, len(spans)),
+            "rollout/version_span_max": max(spans, default=0),
+            "rollout/response_len_mean": float(batch.lengths.float().mean()),
+            "rollout/truncated_frac": float(batch.truncated.float().mean()),
+            "rollout/trained_leases": [a.group.lease_id for a in accepted],
+            "rollout/trained_staleness": staleness,
+        }
+        self.version += 1
+        return metrics
+
+    def _evaluate(self) -> dict[str, float]:
+        if not self.eval_prompts:
+            return {}
+        start = time.monotonic()
+        accuracy = greedy_accuracy(
+            self.model,
+            self.tokenizer,
+            self.eval_prompts,
+            template=self.cfg.data.template,
+            max_new_tokens=self.cfg.rollout.max_new_tokens,
+        )
+        return {"eval/accuracy": accuracy, "time/eval_s": time.monotonic() - start}
+
+    def _log_step(self, step: int, metrics: dict[str, Any], start: float, last: dict[str, Any]) -> None:
+        now = time.monotonic()
+        elapsed = max(now - last["time"], 1e-9)
+        counts = self.coordinator.counts
+        row = {
+            "version": self.version,
+            "time_s": now - start,
+            "throughput/gen_tokens_per_s": (self.gen_tokens - last["tokens"]) / elapsed,
+            "throughput/train_tokens_per_s": metrics.get("train/tokens", 0.0) / elapsed,
+            "rollout/filtered_groups": counts["filtered"] - last["filtered"],
+            "transport/malformed": self.server.malformed + self.rejected,
+        } | {f"leases/{k}": v for k, v in counts.items()}
+        for key in (
+            "reward/mean",
+            "rollout/staleness_mean",
+            "rollout/staleness_max",
+            "loss/clip_frac_low",
+            "loss/clip_frac_high",
+            "loss/is_weight_mean",
+            "rollout/mismatch_kl",
+            "time/weight_sync_s",
+        ):
+            row.setdefault(key, 0.0)  # step 0 (before training) has no batch yet
+        self.metrics.write(step, row | metrics)
+        last.update(time=now, tokens=self.gen_tokens, filtered=counts["filtered"])
+
+    def save(self) -> Path:
+        state = {"version": self.version, "coordinator": self.coordinator.state_dict()}
+        return save_checkpoint(
+            self.run_dir, model=self.model, tokenizer=self.tokenizer, optimizer=self.optimizer, state=state
+        )
+
+    def close(self) -> None:
+        """Tell every actor to stop, flush, and release sockets, group and store."""
+        for actor_id in list(self.actors):
+            self.outgoing.put((actor_id, Bye("learner", "training finished")))
+        deadline = time.monotonic() + 2.0
+        while not self.outgoing.empty() and time.monotonic() < deadline and self._service.is_alive():
+            time.sleep(0.02)
+        self.stop.set()
+        if self._service.is_alive():
+            self._service.join(timeout=5.0)
+        if self.group is not None:
+            self.group.close()
+        self.server.close()
+        self.metrics.close()
+
+    # ------------------------------------------------------------------ service thread
+
+    def _serve(self) -> None:
+        next_expire = 0.0
+        while not self.stop.is_set():
+            control, trajectories = self.server.poll(0.01)
+            for actor_id, msg in control:
+                self._on_control(actor_id, msg)
+            for msg in trajectories:
+                self._on_trajectory(msg)
+            while True:
+                try:
+                    actor_id, out = self.outgoing.get_nowait()
+                except queue.Empty:
+                    break
+                self.server.send(actor_id, out)
+            if time.monotonic() >= next_expire:
+                if n := self.coordinator.expire():
+                    logger.warning("%d leases expired (rollout.lease_timeout_s); re-issued", n)
+                next_expire = time.monotonic() + 1.0
+
+    def _on_control(self, actor_id: str, msg: Message) -> None:
+        match msg:
+            case Register():
+                if msg.schema_version != SCHEMA_VERSION:
+                    self.server.send(
+                        actor_id, Rejected(f"schema {msg.schema_version}, learner speaks {SCHEMA_VERSION}")
+                    )
+                    return
+                self.actors[actor_id] = time.monotonic()
+                logger.info("actor %s registered (pid %d on %s)", actor_id, msg.pid, msg.hostname)
+                self.server.send(
+                    actor_id,
+                    Registered(
+                        actor_id, self.version, to_dict(self.cfg), self.model_path, self.endpoints.trajectory
+                    ),
+                )
+            case LeaseRequest(n=n) if actor_id in self.actors:
+                self.actors[actor_id] = time.monotonic()
+                leases = self.coordinator.grant(actor_id, n)
+                reply: Message = LeaseGrant(leases) if leases else Wait(_RETRY_AFTER_S, "admission control")
+                self.server.send(actor_id, reply)
+            case Heartbeat() if actor_id in self.actors:
+                self.actors[actor_id] = time.monotonic()
+                self.coordinator.renew(actor_id)
+            case Bye():
+                self.actors.pop(actor_id, None)
+                if n := self.coordinator.release(actor_id):
+                    logger.info("actor %s left; %d of its leases re-issued", actor_id, n)
+            case _:
+                self.rejected += 1
+                logger.warning("unexpected %s from %r", type(msg).__name__, actor_id)
+
+    def _on_trajectory(self, msg: Message) -> None:
+        if not isinstance(msg, TrajectoryGroup):
+            self.rejected += 1
+            return
+        try:
+            check_group(
+                msg,
+                vocab_size=self.model.config.vocab_size,
+                max_version=self.version,
+                group_size=self.cfg.rollout.group_size,
+            )
+        except SchemaError as err:
+            self.rejected += 1
+            logger.warning("rejected group for lease %d from %s: %s", msg.lease_id, msg.actor_id, err)
+            return
+        rewards = [r.reward for r in msg.responses]
+        # Dynamic sampling: a group whose rewards are all equal has zero advantage everywhere.
+        informative = not self.cfg.algorithm.dynamic_sampling or max(rewards) > min(rewards)
+        seq = self.coordinator.lease_sequence(msg.lease_id)
+        outcome = self.coordinator.finish(msg.lease_id, accepted=informative)
+        if outcome in (Outcome.ACCEPTED, Outcome.FILTERED):
+            self.gen_tokens += sum(r.length for r in msg.responses)
+        if outcome is Outcome.ACCEPTED:
+            assert seq is not None
+            self.buffer.put(_Accepted(seq, msg))
+        self.server.send(msg.actor_id, Ack([msg.lease_id]))
+
+
+def _pick_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"trainer.device={device} but CUDA is not available; use trainer.device=cpu")
+    return device
+
+
+def _backend(choice: SyncBackend, device: torch.device) -> str:
+    match choice:
+        case SyncBackend.AUTO:
+            return "nccl" if device.type == "cuda" else "gloo"
+        case SyncBackend.GLOO | SyncBackend.NCCL:
+            return choice.value
