@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -69,7 +70,8 @@ class TorchEngine:
         seed: int,
     ) -> None:
         self.device = torch.device(device)
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.device).eval()
+        model: Any = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+        self.model = model.to(self.device).eval()
         self.model.requires_grad_(False)
         self.max_num_seqs = max_num_seqs
         self.max_new_tokens = max_new_tokens
@@ -195,7 +197,9 @@ class TorchEngine:
             self._cache, self._mask, self._next_input, self._rows = cache, mask, tokens, rows
             return
         width = max(self._mask.shape[1], mask.shape[1])
-        for old, new in zip(self._cache.layers, cache.layers):
+        old_layers: Any = self._cache.layers
+        new_layers: Any = cache.layers
+        for old, new in zip(old_layers, new_layers):
             old.keys = torch.cat([_left_pad(old.keys, width, 2), _left_pad(new.keys, width, 2)])
             old.values = torch.cat([_left_pad(old.values, width, 2), _left_pad(new.values, width, 2)])
         self._mask = torch.cat([_left_pad(self._mask, width, 1), _left_pad(mask, width, 1)])
@@ -233,7 +237,8 @@ class TorchEngine:
         first = int((self._mask.sum(0) > 0).nonzero()[0])
         if first:
             self._mask = self._mask[:, first:]
-            for layer in self._cache.layers:
+            layers: Any = self._cache.layers
+            for layer in layers:
                 layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
         return done
 
@@ -260,6 +265,7 @@ def _left_pad(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:
 
 
 def _select_rows(cache: DynamicCache, index: torch.Tensor) -> None:
-    for layer in cache.layers:
+    layers: Any = cache.layers
+    for layer in layers:
         layer.keys = layer.keys.index_select(0, index)
         layer.values = layer.values.index_select(0, index)

@@ -93,6 +93,7 @@ def train(overrides: list[str]) -> int:
         for i in range(cfg.rollout.num_actors):
             name = f"actor-{i}"
             opts = [f"learner={endpoints}", f"id={name}", f"threads={threads}", f"log_level={cfg.log_level}"]
+            opts.append(f"device={_actor_device(cfg.trainer.device)}")
             procs[name] = _spawn(run_dir, name, ["actor", *opts])
         code = _follow(run_dir, procs, cfg)
     except KeyboardInterrupt:
@@ -103,6 +104,15 @@ def train(overrides: list[str]) -> int:
     if code == 0:
         print(f"done. metrics: {run_dir / 'metrics.jsonl'}", flush=True)
     return code
+
+
+def _actor_device(learner_device: str) -> str:
+    """Actors follow the learner onto CUDA, so one broadcast backend (NCCL) serves all."""
+    if learner_device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if learner_device.startswith("cuda") else "cpu"
 
 
 def _spawn(run_dir: Path, name: str, args: list[str]) -> subprocess.Popen[bytes]:

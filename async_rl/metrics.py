@@ -52,7 +52,7 @@ def _clean(value: Any) -> Any:
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """All complete lines of a metrics.jsonl (a line being written is skipped)."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     if not Path(path).exists():
         return rows
     for line in Path(path).read_text().splitlines():

@@ -1,10 +1,10 @@
 """Verifiable reward for math answers: extract the final answer, compare it with the reference.
 
-``math_reward`` runs inside the actor's generation loop, once per sampled response, so it must
-be cheap on the common case and can never raise or hang on the rest. Nearly every GSM8K-style
-answer is a plain number, which an exact ``Fraction`` comparison settles in microseconds; only
-the rest (LaTeX, expressions) goes to math-verify, whose sympy backend is slow and can be
-made to run for hours by a short answer such as ``9^{9^{9}}``.
+``math_reward`` runs in the actor's generation loop, once per sampled response, so it must be
+cheap on the common case and never raise or stall on the rest. Nearly every GSM8K-style answer
+is a plain number, which an exact ``Fraction`` comparison settles in microseconds; only the
+rest (LaTeX, expressions) goes to math-verify, whose parser and sympy backend are slow and,
+without a timeout, never finish on some answers of a dozen characters (``10^{10^{10}}``).
 """
 
 from __future__ import annotations
@@ -19,9 +19,11 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-# No real final answer is this long; a longer one is garbage or an attack on the parser, and
-# the cap bounds the LaTeX parser's work on the math-verify path.
-_MAX_ANSWER_CHARS = 512
+# No real final answer is longer; a longer one is garbage, and math-verify's parse time grows
+# with length (a 256-character list of nested tuples takes seconds).
+_MAX_ANSWER_CHARS = 256
+# Deepest bracket nesting sent to math-verify; real answers rarely exceed 3 or 4.
+_MAX_NESTING = 6
 # Refuse to let sympy build any number with more decimal digits than this. A length cap
 # alone does not bound the work: ``10^{10^{10}}`` is 12 characters and never finishes.
 _MAX_LOG10 = 10_000.0
@@ -112,15 +114,26 @@ def _as_fraction(answer: str) -> Fraction | None:
         return None
     try:
         return Fraction(text)
-    except ZeroDivisionError:  # "1/0" is not a number; math-verify will say no as well
+    except ZeroDivisionError:  # "1/0" is no number; leave it to math-verify
         return None
+
+
+def _nesting_depth(text: str) -> int:
+    depth = peak = 0
+    for ch in text:
+        if ch in "([{":
+            depth += 1
+            peak = max(peak, depth)
+        elif ch in ")]}":
+            depth -= 1
+    return peak
 
 
 def _log10_bound(expr: Any) -> float:
     """Upper bound on log10 of the largest number sympy may build while simplifying ``expr``.
 
-    Towers and factorials are the inputs that hang sympy, and the bound grows exponentially
-    through them. Symbols count as order one; an unknown node is as large as its largest child.
+    Towers and factorials are what hang sympy, and the bound grows exponentially through
+    them. Symbols count as zero: sympy cannot evaluate ``x^{x^{x}}``, so it is cheap.
     """
     import sympy
 
@@ -128,58 +141,70 @@ def _log10_bound(expr: Any) -> float:
         return 0.30103 * max(abs(expr.p).bit_length(), expr.q.bit_length(), 1)
     if isinstance(expr, sympy.Float):  # float() of a huge Float is inf, and inf is rejected
         return 0.30103 + math.log10(abs(float(expr)) + 1.0)
-    args = [_log10_bound(a) for a in getattr(expr, "args", ()) if isinstance(a, sympy.Basic)]
+    args = [_log10_bound(a) for a in expr.args if isinstance(a, sympy.Basic)]
     if isinstance(expr, sympy.Pow) and len(args) == 2:
-        base, exp = args
-        return math.inf if exp > 300 else base * 10.0**exp
+        base, exponent = args
+        return math.inf if exponent > 300 else base * 10.0**exponent
     if isinstance(expr, sympy.exp) and args:
         return math.inf if args[0] > 300 else 10.0 ** args[0]
     if isinstance(expr, (sympy.factorial, sympy.factorial2, sympy.gamma, sympy.binomial)) and args:
-        n = args[0]
-        return math.inf if n > 300 else n * 10.0**n  # log10(n!) <= n log10(n)
+        return math.inf if args[0] > 300 else args[0] * 10.0 ** args[0]  # log10(n!) <= n log10(n)
     if isinstance(expr, sympy.Mul):
         return sum(args)
-    return max(args, default=1.0) + 1.0
+    if isinstance(expr, sympy.Add):
+        return max(args) + math.log10(len(args))
+    return max(args, default=0.0)
 
 
 def _math_verify_equal(answer: str, reference: str, timeout_s: float) -> bool:
-    """Symbolic equality by math-verify, bounded in time without relying on signals."""
+    """Symbolic equality by math-verify, for answers that are not both plain numbers.
+
+    Off the main thread nothing can interrupt math-verify, and the caps here do not cover
+    everything: its parser evaluates ``\\binom{10^{9}}{500000}`` eagerly. Score from the main
+    thread (as the actor does) where inputs may be hostile.
+    """
     # Lazy: math-verify pulls in sympy and an ANTLR parser (about a second to import), and
-    # most runs never get here. Imported outside math_reward's catch-all so that a broken
-    # install fails loudly instead of scoring every response 0.
+    # most calls never get here.
     from math_verify import parse, verify
     from math_verify.errors import TimeoutException
 
-    # math-verify's own timeout is signal.alarm: it raises ValueError off the main thread,
-    # and on the main thread it would cancel anyone else's pending alarm (pytest-timeout,
-    # a supervisor's watchdog). Use it only on the main thread with no timer armed; it
-    # counts whole seconds and bounds each of the three steps separately.
+    # math-verify parses in time superlinear in bracket depth and compares nested sets in
+    # exponential time ("{" * 20 ran for over a minute), so deep answers are refused outright.
+    if max(_nesting_depth(answer), _nesting_depth(reference)) > _MAX_NESTING:
+        return False
+    # math-verify's own timeout is signal.alarm: off the main thread it raises ValueError, and
+    # on the main thread it would cancel anyone else's pending alarm (pytest-timeout, a
+    # watchdog). So it is used only on the main thread with no timer armed. It counts whole
+    # seconds and bounds each of the three steps separately.
     use_alarm = threading.current_thread() is threading.main_thread()
     use_alarm = use_alarm and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
     limit = max(1, math.ceil(timeout_s)) if use_alarm else None
     try:
-        # Wrapped in $...$ so the LaTeX extractor sees "\frac{3}{4}" as math, not prose.
+        # Wrapped in $...$ so that the LaTeX extractor reads "\frac{3}{4}" as math.
         gold = parse(f"${reference}$", parsing_timeout=limit)
         pred = parse(f"${answer}$", parsing_timeout=limit)
         if not gold or not pred:
             return False
-        # Where no alarm can interrupt sympy, the magnitude bound is the only time limit.
+        # Parsing leaves 9^{9^{9}} unevaluated; comparing would evaluate it, which no alarm
+        # interrupts off the main thread (and which costs the full timeout on it).
         if any(_log10_bound(e) > _MAX_LOG10 for e in (*gold, *pred) if not isinstance(e, str)):
-            logger.debug("math-verify skipped: %r or %r builds too large a number", answer, reference)
+            logger.debug("math-verify skipped: %r vs %r builds too large a number", answer, reference)
             return False
         return bool(verify(gold, pred, timeout_seconds=limit))
-    except TimeoutException:  # a BaseException; normally caught inside math-verify already
+    except TimeoutException:  # a BaseException; math-verify normally catches it itself
         return False
 
 
 def math_reward(response: str, answer: str, *, timeout_s: float = 2.0) -> float:
-    """1.0 when the final answer in ``response`` equals ``answer``, else 0.0. Never raises.
+    """1.0 when the final answer in ``response`` equals ``answer``, else 0.0.
 
     ``answer`` is the reference: a bare answer ("72", "\\frac{3}{4}") is used as it is, a full
     GSM8K solution (with ``####``) is reduced to its final answer first. Two plain numbers are
     compared exactly ("72" == "72.00" == "$72", "1,000" == "1000", "3/4" == "0.75"); anything
-    else goes to math-verify, with ``timeout_s`` per step where a signal can enforce it (main
-    thread) and a cap on answer length and number size everywhere.
+    else goes to math-verify. ``timeout_s`` bounds each math-verify step on the main thread;
+    elsewhere caps on length, nesting and number size limit it (see ``_math_verify_equal``).
+
+    Never raises on any input; a missing math-verify install does raise ``ImportError``.
     """
     try:
         predicted = extract_answer(response)
@@ -194,13 +219,9 @@ def math_reward(response: str, answer: str, *, timeout_s: float = 2.0) -> float:
         pred_value, ref_value = _as_fraction(predicted), _as_fraction(reference)
         if pred_value is not None and ref_value is not None:
             return float(pred_value == ref_value)
-    except Exception:
-        logger.debug("math_reward failed on %.200r", response, exc_info=True)
-        return 0.0
-    try:
         return float(_math_verify_equal(predicted, reference, timeout_s))
     except ImportError:
-        raise
+        raise  # a broken install, not a bad input: scoring every response 0 would hide it
     except Exception:
-        logger.debug("math-verify failed on %r vs %r", predicted, reference, exc_info=True)
+        logger.debug("math_reward failed on %.200r vs %.200r", response, answer, exc_info=True)
         return 0.0

@@ -79,8 +79,8 @@ class Learner:
         self.tokenizer = load_tokenizer(model_path)
         from transformers import AutoModelForCausalLM
 
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, cfg.model.dtype))
-        self.model.to(self.device).eval()
+        model: Any = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, cfg.model.dtype))
+        self.model: Any = model.to(self.device).eval()
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay
         )
@@ -248,7 +248,9 @@ class Learner:
             overlong_buffer=cfg.algorithm.overlong_buffer,
             overlong_penalty=cfg.algorithm.overlong_penalty,
         )
-        metrics = train_step(self.model, self.optimizer, batch, params, version=self.version)
+        metrics: dict[str, Any] = dict(
+            train_step(self.model, self.optimizer, batch, params, version=self.version)
+        )
         staleness = [self.version - g.min_version for g in groups]
         spans = [int(r.versions.max() - r.versions.min()) for g in groups for r in g.responses if r.length]
         metrics |= {

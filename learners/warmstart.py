@@ -55,7 +55,7 @@ def warm_start(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        loss_value = float(loss)
+        loss_value = float(loss.detach())
         if step % 50 == 0 or step == steps - 1:
             logger.info("warm start %d/%d: loss %.3f", step + 1, steps, loss_value)
     model.eval()

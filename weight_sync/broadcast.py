@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist
@@ -26,7 +27,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def plan(params: dict[str, torch.Tensor], *, version: int, epoch: int, bucket_mb: int) -> WeightHeader:
+def plan(params: Mapping[str, torch.Tensor], *, version: int, epoch: int, bucket_mb: int) -> WeightHeader:
     """The header for ``params``: buckets are runs of consecutive same-dtype parameters."""
     names = list(params)
     limit = bucket_mb << 20
@@ -53,7 +54,7 @@ def plan(params: dict[str, torch.Tensor], *, version: int, epoch: int, bucket_mb
     )
 
 
-def send(params: dict[str, torch.Tensor], header: WeightHeader, device: torch.device) -> float:
+def send(params: Mapping[str, torch.Tensor], header: WeightHeader, device: torch.device) -> float:
     """Rank 0: broadcast every bucket. Returns the seconds spent."""
     start = time.perf_counter()
     tensors = list(params.values())
@@ -64,7 +65,7 @@ def send(params: dict[str, torch.Tensor], header: WeightHeader, device: torch.de
     return time.perf_counter() - start
 
 
-def check_compatible(header: WeightHeader, params: dict[str, torch.Tensor]) -> None:
+def check_compatible(header: WeightHeader, params: Mapping[str, torch.Tensor]) -> None:
     """Raise ``ValueError`` if the header does not describe ``params``."""
     if header.names != list(params):
         missing = set(header.names) ^ set(params)
@@ -76,7 +77,7 @@ def check_compatible(header: WeightHeader, params: dict[str, torch.Tensor]) -> N
             )
 
 
-def receive(header: WeightHeader, params: dict[str, torch.Tensor], device: torch.device) -> float:
+def receive(header: WeightHeader, params: Mapping[str, torch.Tensor], device: torch.device) -> float:
     """Ranks > 0: receive every bucket and copy it into ``params`` in place.
 
     Returns the seconds spent. ``params`` must pass ``check_compatible``.

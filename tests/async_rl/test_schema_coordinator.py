@@ -1,0 +1,164 @@
+"""Wire schema round trips and rejections; coordinator admission and lease accounting."""
+
+from __future__ import annotations
+
+import msgpack
+import numpy as np
+import pytest
+
+from async_rl.coordinator import Coordinator, Outcome
+from async_rl.data import Prompt, PromptSource
+from async_rl.schema import (
+    SCHEMA_VERSION,
+    FinishReason,
+    Lease,
+    LeaseGrant,
+    Response,
+    SchemaError,
+    TrajectoryGroup,
+    check_group,
+    decode,
+    encode,
+)
+
+
+def _group(lease_id: int = 3, versions: tuple[int, ...] = (0, 1)) -> TrajectoryGroup:
+    r = Response(
+        token_ids=np.array([5, 6], dtype=np.int32),
+        logprobs=np.array([-0.5, -1.25], dtype=np.float32),
+        versions=np.array(versions, dtype=np.int32),
+        reward=1.0,
+        finish_reason=FinishReason.STOP,
+    )
+    return TrajectoryGroup(lease_id, 42, "a0", np.array([1, 2, 3], dtype=np.int32), [r, r])
+
+
+def test_trajectory_round_trip_keeps_arrays_exact() -> None:
+    out = decode(encode(_group()))
+    assert isinstance(out, TrajectoryGroup)
+    assert out.lease_id == 3 and out.prompt_id == 42 and out.actor_id == "a0"
+    assert out.prompt_token_ids.tolist() == [1, 2, 3]
+    assert out.responses[1].logprobs.tolist() == [-0.5, -1.25]
+    assert out.responses[0].versions.tolist() == [0, 1]
+    assert out.min_version == 0
+
+
+def test_arrays_travel_as_raw_little_endian_bytes() -> None:
+    body = msgpack.unpackb(encode(_group()), raw=False)
+    assert body["prompt"] == b"\x01\x00\x00\x00\x02\x00\x00\x00\x03\x00\x00\x00"
+    assert body["v"] == SCHEMA_VERSION
+
+
+def _mutate(**changes: object) -> bytes:
+    body = msgpack.unpackb(encode(_group()), raw=False)
+    for key, value in changes.items():
+        if key.startswith("r0_"):
+            body["responses"][0][key[3:]] = value
+        else:
+            body[key] = value
+    return msgpack.packb(body, use_bin_type=True)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\xc1garbage",
+        msgpack.packb([1, 2, 3]),
+        _mutate(v=SCHEMA_VERSION + 1),
+        _mutate(k="no_such_kind"),
+        _mutate(lease_id="3"),
+        _mutate(lease_id=True),
+        _mutate(lease_id=-1),
+        _mutate(r0_len=3),  # declared length disagrees with the arrays
+        _mutate(r0_len=10**9),  # huge declared length
+        _mutate(r0_logprobs=np.array([0.5, -1], dtype="<f4").tobytes()),  # positive logprob
+        _mutate(r0_logprobs=np.array([np.nan, -1], dtype="<f4").tobytes()),
+        _mutate(r0_tokens=np.array([-1, 6], dtype="<i4").tobytes()),
+        _mutate(r0_finish="exploded"),
+        _mutate(responses=[]),
+    ],
+)
+def test_malformed_messages_are_rejected(data: bytes) -> None:
+    with pytest.raises(SchemaError):
+        decode(data)
+
+
+def test_check_group_rejects_out_of_vocab_and_future_versions() -> None:
+    g = _group(versions=(0, 5))
+    check_group(g, vocab_size=7, max_version=5, group_size=2)
+    with pytest.raises(SchemaError, match="vocab"):
+        check_group(g, vocab_size=6, max_version=5, group_size=2)
+    with pytest.raises(SchemaError, match="future"):
+        check_group(g, vocab_size=7, max_version=4, group_size=2)
+    with pytest.raises(SchemaError, match="group_size"):
+        check_group(g, vocab_size=7, max_version=5, group_size=3)
+
+
+def test_lease_grant_round_trip() -> None:
+    msg = LeaseGrant([Lease(1, 2, 3, "1+1=", "2")])
+    assert decode(encode(msg)) == msg
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _coordinator(staleness: int, clock: _Clock | None = None) -> Coordinator:
+    prompts = [Prompt(i, f"q{i}", str(i)) for i in range(100)]
+    return Coordinator(
+        PromptSource(prompts, seed=0),
+        batch_groups=4,
+        max_staleness=staleness,
+        lease_timeout_s=10.0,
+        clock=clock or _Clock(),
+    )
+
+
+def test_admission_bound_by_hand() -> None:
+    c = _coordinator(staleness=1)
+    # (v + s + 1) * B = (0 + 1 + 1) * 4 = 8 leases at version 0.
+    assert len(c.grant("a", 100)) == 8
+    assert c.grant("a", 1) == []
+    # A filtered group frees its slot without counting as accepted: one more lease.
+    assert c.finish(0, accepted=False) is Outcome.FILTERED
+    assert len(c.grant("a", 100)) == 1
+    # Accepted groups keep their slot until the version moves.
+    for lease_id in (1, 2, 3):
+        assert c.finish(lease_id, accepted=True) is Outcome.ACCEPTED
+    assert c.grant("a", 100) == []
+    c.set_version(1)  # limit (1 + 1 + 1) * 4 = 12; accepted 3 + in flight 5 = 8
+    assert len(c.grant("a", 100)) == 4
+
+
+def test_sync_mode_admits_exactly_one_batch() -> None:
+    c = _coordinator(staleness=0)
+    assert len(c.grant("a", 100)) == 4
+
+
+def test_duplicates_and_expiry_end_each_lease_once() -> None:
+    clock = _Clock()
+    c = _coordinator(staleness=1, clock=clock)
+    first = c.grant("a", 2)
+    assert c.finish(first[0].lease_id, accepted=True) is Outcome.ACCEPTED
+    assert c.finish(first[0].lease_id, accepted=True) is Outcome.DUPLICATE
+    clock.now = 11.0  # past lease_timeout_s: lease 1 expires and its prompt is re-issued
+    assert c.expire() == 1
+    again = c.grant("b", 1)
+    assert (again[0].seq, again[0].prompt_id) == (first[1].seq, first[1].prompt_id)
+    assert again[0].lease_id != first[1].lease_id
+    assert c.finish(first[1].lease_id, accepted=True) is Outcome.LATE
+    assert c.finish(999, accepted=True) is Outcome.UNKNOWN
+    assert c.counts == {"granted": 3, "accepted": 1, "filtered": 0, "reissued": 1, "duplicates": 1, "late": 1}
+
+
+def test_release_reissues_a_departed_actors_leases() -> None:
+    c = _coordinator(staleness=1)
+    c.grant("a", 3)
+    c.grant("b", 2)
+    assert c.release("a") == 3
+    assert c.in_flight == 2
+    assert [lease.seq for lease in c.grant("b", 3)] == [0, 1, 2]
