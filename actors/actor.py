@@ -196,7 +196,9 @@ class Actor:
         self.outbox[group.lease_id] = group
         if not self.client.push(group, timeout_s=self.cfg.transport.request_timeout_s):
             logger.warning(
-                "trajectory queue full for %.0f s; lease %d stays in the outbox", 0, group.lease_id
+                "trajectory queue full for %.0f s; lease %d stays in the outbox",
+                self.cfg.transport.request_timeout_s,
+                group.lease_id,
             )
         self.groups_sent += 1
 

@@ -264,10 +264,6 @@ class Config:
             # Sync mode is the same system with no staleness: generation waits for training.
             self.rollout.max_staleness = 0
 
-    @property
-    def max_staleness(self) -> int:
-        return self.rollout.max_staleness
-
 
 def register_configs() -> None:
     from hydra.core.config_store import ConfigStore

@@ -165,10 +165,6 @@ class Coordinator:
     def in_flight(self) -> int:
         return len(self._active)
 
-    def in_flight_of(self, actor_id: str) -> int:
-        with self._lock:
-            return sum(1 for a in self._active.values() if a.actor_id == actor_id)
-
     def state_dict(self) -> dict[str, Any]:
         """Checkpointable state. Leases in flight are saved as prompts to re-issue."""
         with self._lock:
