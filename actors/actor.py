@@ -192,7 +192,7 @@ class Actor:
         if len(pending.samples) < self.cfg.rollout.group_size:
             return
         del self.pending[sample.request_id]
-        group = self._score(pending)
+        group = score_group(self.tokenizer, pending.lease, pending.prompt_ids, pending.samples, self.actor_id)
         self.outbox[group.lease_id] = group
         if not self.client.push(group, timeout_s=self.cfg.transport.request_timeout_s):
             logger.warning(
@@ -202,33 +202,38 @@ class Actor:
             )
         self.groups_sent += 1
 
-    def _score(self, pending: _Pending) -> TrajectoryGroup:
-        responses = []
-        eos = self.tokenizer.eos_token_id
-        for s in sorted(pending.samples, key=lambda s: s.index):
-            body = s.token_ids[:-1] if s.token_ids and s.token_ids[-1] == eos else s.token_ids
-            reward = math_reward(response_text(self.tokenizer, body), pending.lease.answer)
-            responses.append(
-                Response(
-                    token_ids=np.asarray(s.token_ids, dtype=np.int32),
-                    logprobs=np.asarray(s.logprobs, dtype=np.float32),
-                    versions=np.asarray(s.versions, dtype=np.int32),
-                    reward=reward,
-                    finish_reason=FinishReason(s.finish_reason),
-                )
-            )
-        return TrajectoryGroup(
-            lease_id=pending.lease.lease_id,
-            prompt_id=pending.lease.prompt_id,
-            actor_id=self.actor_id,
-            prompt_token_ids=np.asarray(pending.prompt_ids, dtype=np.int32),
-            responses=responses,
-        )
-
     def close(self) -> None:
         self.engine.close()
         if self.group is not None:
             self.group.close()
+
+
+def score_group(
+    tokenizer: Any, lease: Lease, prompt_ids: list[int], samples: list[Sample], actor_id: str
+) -> TrajectoryGroup:
+    """The wire group for one lease: every sample scored by ``math_reward`` against the
+    lease's reference answer (the trailing EOS is not part of the scored text)."""
+    responses = []
+    eos = tokenizer.eos_token_id
+    for s in sorted(samples, key=lambda s: s.index):
+        body = s.token_ids[:-1] if s.token_ids and s.token_ids[-1] == eos else s.token_ids
+        reward = math_reward(response_text(tokenizer, body), lease.answer)
+        responses.append(
+            Response(
+                token_ids=np.asarray(s.token_ids, dtype=np.int32),
+                logprobs=np.asarray(s.logprobs, dtype=np.float32),
+                versions=np.asarray(s.versions, dtype=np.int32),
+                reward=reward,
+                finish_reason=FinishReason(s.finish_reason),
+            )
+        )
+    return TrajectoryGroup(
+        lease_id=lease.lease_id,
+        prompt_id=lease.prompt_id,
+        actor_id=actor_id,
+        prompt_token_ids=np.asarray(prompt_ids, dtype=np.int32),
+        responses=responses,
+    )
 
 
 # ---------------------------------------------------------------------- entry point

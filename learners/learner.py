@@ -237,17 +237,7 @@ class Learner:
         cfg = self.cfg
         groups = [a.group for a in accepted]
         batch = make_batch(groups, pad_id=self.tokenizer.pad_token_id, device=self.device)
-        params = StepParams(
-            eps_low=cfg.algorithm.eps_low,
-            eps_high=cfg.algorithm.eps_high,
-            is_cap=cfg.algorithm.is_cap,
-            temperature=cfg.rollout.temperature,
-            grad_clip=cfg.trainer.grad_clip,
-            mini_batches=cfg.trainer.mini_batches,
-            max_new_tokens=cfg.rollout.max_new_tokens,
-            overlong_buffer=cfg.algorithm.overlong_buffer,
-            overlong_penalty=cfg.algorithm.overlong_penalty,
-        )
+        params = StepParams.from_config(cfg)
         metrics: dict[str, Any] = dict(
             train_step(self.model, self.optimizer, batch, params, version=self.version)
         )

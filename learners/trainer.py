@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from async_rl.config import Config
 from async_rl.schema import FinishReason, TrajectoryGroup
 from learners.loss import group_advantages, overlong_penalty, policy_loss
 
@@ -98,6 +99,20 @@ class StepParams:
     max_new_tokens: int
     overlong_buffer: int
     overlong_penalty: float
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> StepParams:
+        return cls(
+            eps_low=cfg.algorithm.eps_low,
+            eps_high=cfg.algorithm.eps_high,
+            is_cap=cfg.algorithm.is_cap,
+            temperature=cfg.rollout.temperature,
+            grad_clip=cfg.trainer.grad_clip,
+            mini_batches=cfg.trainer.mini_batches,
+            max_new_tokens=cfg.rollout.max_new_tokens,
+            overlong_buffer=cfg.algorithm.overlong_buffer,
+            overlong_penalty=cfg.algorithm.overlong_penalty,
+        )
 
 
 def advantages_for(batch: Batch, p: StepParams) -> tuple[torch.Tensor, torch.Tensor]:
