@@ -169,6 +169,9 @@ class TrainerConfig:
     warmup_sft_steps: int = 0
     warmup_sft_batch: int = 64
     warmup_sft_lr: float = 3e-3
+    # Stop the warm start early once greedy accuracy on 200 training prompts (checked every
+    # 100 steps) reaches this (0 = always run warmup_sft_steps).
+    warmup_sft_target: float = 0.0
     # Learner device: "cpu", "cuda", "cuda:1", or "auto".
     device: str = "auto"
     # torch CPU threads in the learner (0 = share the machine's cores evenly).
@@ -189,6 +192,7 @@ class TrainerConfig:
         _check(self.eval_every >= 0, f"trainer.eval_every={self.eval_every}: must be >= 0")
         _check(self.checkpoint_every >= 0, "trainer.checkpoint_every: must be >= 0")
         _check(self.warmup_sft_steps >= 0, "trainer.warmup_sft_steps: must be >= 0")
+        _check(0 <= self.warmup_sft_target <= 1, "trainer.warmup_sft_target: must be in [0, 1]")
 
 
 @dataclass

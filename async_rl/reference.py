@@ -36,7 +36,7 @@ def run_reference(cfg: Config, model_path: str | Path) -> Any:
     from actors.actor import score_group
     from actors.torch_engine import Request, Sample, TorchEngine
     from learners.trainer import StepParams, make_batch, train_step
-    from learners.warmstart import warm_start
+    from learners.warmstart import warm_start_from_config
 
     if cfg.rollout.engine.value != "torch":
         raise ValueError("the reference loop runs the torch engine only (rollout.engine=torch)")
@@ -53,16 +53,7 @@ def run_reference(cfg: Config, model_path: str | Path) -> Any:
     train_prompts, _ = build_datasets(cfg.data, seed=cfg.seed)
     tr, ro = cfg.trainer, cfg.rollout
     if tr.warmup_sft_steps:
-        warm_start(
-            model,
-            tokenizer,
-            train_prompts,
-            steps=tr.warmup_sft_steps,
-            batch_size=tr.warmup_sft_batch,
-            lr=tr.warmup_sft_lr,
-            template=cfg.data.template,
-            seed=cfg.seed,
-        )
+        warm_start_from_config(model, tokenizer, train_prompts, cfg)
     engine = TorchEngine(
         str(model_path),
         device="cpu",

@@ -40,7 +40,7 @@ _QWEN2_PRETOKENIZE_REGEX = (
 
 # Bump when the vocabulary, the default architecture or the initialisation changes, so that a
 # cache written by an older version is never reused.
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
 
 # Files whose presence marks a complete model directory (the build renames a finished directory
 # into place, so a partial one is never visible under the final name).
@@ -107,17 +107,17 @@ def build_tiny_model(
     out_dir: Path,
     *,
     seed: int = 0,
-    hidden_size: int = 64,
+    hidden_size: int = 128,
     num_layers: int = 2,
     num_heads: int = 4,
     num_kv_heads: int = 2,
-    intermediate_size: int = 256,
+    intermediate_size: int = 512,
     max_position_embeddings: int = 256,
 ) -> Path:
     """Write a seeded random ``Qwen2ForCausalLM`` and its character tokenizer to ``out_dir``.
 
     Two builds with the same arguments write bit-identical ``model.safetensors``. With the
-    defaults the model has 140,032 parameters and a vocabulary of 259 tokens (<pad> 0, <eos> 1,
+    defaults the model has 525,824 parameters and a vocabulary of 259 tokens (<pad> 0, <eos> 1,
     <unk> 2, then byte b at 3 + b).
     """
     import torch
@@ -174,8 +174,8 @@ def _make_tokenizer_config_portable(path: Path) -> None:
 def default_model_dir(seed: int = 0) -> Path:
     """Cache location of the embedded model built with ``seed``.
 
-    ``$ASYNC_RL_CACHE_DIR/tiny-qwen2-char-s{seed}-v1`` when that variable is set, else
-    ``$XDG_CACHE_HOME/async-rl/tiny-qwen2-char-s{seed}-v1`` (``XDG_CACHE_HOME`` defaults to
+    ``$ASYNC_RL_CACHE_DIR/tiny-qwen2-char-s{seed}-v2`` when that variable is set, else
+    ``$XDG_CACHE_HOME/async-rl/tiny-qwen2-char-s{seed}-v2`` (``XDG_CACHE_HOME`` defaults to
     ``~/.cache``).
     """
     base_env = os.environ.get("ASYNC_RL_CACHE_DIR")

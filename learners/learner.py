@@ -50,7 +50,7 @@ from async_rl.transport import Endpoints, LearnerServer
 from learners.checkpoint import save_checkpoint
 from learners.evaluate import greedy_accuracy
 from learners.trainer import StepParams, make_batch, train_step
-from learners.warmstart import warm_start
+from learners.warmstart import warm_start_from_config
 from weight_sync import broadcast
 from weight_sync.group import SyncGroup, host_store
 
@@ -106,6 +106,7 @@ class Learner:
         self.endpoints.save(self.run_dir / "endpoints.json")
         self.metrics = MetricsWriter(self.run_dir)
         self.version = 0
+        self.warm_start_metrics: dict[str, float] = {}
         self.epoch = -1
         self.group: SyncGroup | None = None
         self.members: list[str] = []
@@ -130,7 +131,8 @@ class Learner:
         sync_s = self._publish()
         start = time.monotonic()
         last = {"time": start, "tokens": self.gen_tokens, "filtered": 0}
-        self._log_step(0, {"time/weight_sync_s": sync_s} | self._evaluate(), start, last)
+        first = {"time/weight_sync_s": sync_s} | self.warm_start_metrics | self._evaluate()
+        self._log_step(0, first, start, last)
         while self.version < tr.max_steps and not self.stop.is_set():
             wait_start = time.monotonic()
             groups = self._next_batch()
@@ -149,18 +151,11 @@ class Learner:
         self.save()
 
     def _warm_start(self) -> None:
-        tr = self.cfg.trainer
-        loss = warm_start(
-            self.model,
-            self.tokenizer,
-            self.train_prompts,
-            steps=tr.warmup_sft_steps,
-            batch_size=tr.warmup_sft_batch,
-            lr=tr.warmup_sft_lr,
-            template=self.cfg.data.template,
-            seed=self.cfg.seed,
-        )
-        logger.info("warm start done: %d steps, final loss %.3f", tr.warmup_sft_steps, loss)
+        result = warm_start_from_config(self.model, self.tokenizer, self.train_prompts, self.cfg)
+        logger.info("warm start done: %d steps, final loss %.3f", result.steps, result.loss)
+        self.warm_start_metrics = {"warmup/steps": result.steps, "warmup/loss": result.loss}
+        if result.accuracy is not None:
+            self.warm_start_metrics["warmup/train_accuracy"] = result.accuracy
 
     def _form_group(self) -> None:
         """Wait for the expected actors, then form the weight-sync group with them."""

@@ -1,22 +1,38 @@
-"""Supervised warm start: a few cross-entropy steps on reference responses before RL.
+"""Supervised warm start: cross-entropy steps on reference responses before RL.
 
 The embedded tiny model starts from random weights; RL needs a policy that already
-answers in the task's format some of the time, as a pretrained model would.
+answers in the task's format and is right some of the time, as a pretrained model would.
+The warm start runs until a greedy accuracy target is reached on a slice of the training
+prompts (never on the held-out split, whose accuracy RL is measured by), or until its
+step budget is spent.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from async_rl.config import Template
+from async_rl.config import Config, Template
 from async_rl.data import Prompt, sft_text
 from async_rl.text import render_prompt
+from learners.evaluate import greedy_accuracy
 
 logger = logging.getLogger(__name__)
+
+# Training prompts the stopping check evaluates on, and how often.
+_CHECK_PROMPTS = 200
+_CHECK_EVERY = 100
+
+
+@dataclass
+class WarmStartResult:
+    steps: int
+    loss: float
+    accuracy: float | None  # greedy accuracy on the check prompts at the end (None: never checked)
 
 
 def warm_start(
@@ -29,25 +45,34 @@ def warm_start(
     lr: float,
     template: Template,
     seed: int,
-) -> float:
-    """Run ``steps`` AdamW steps of next-token loss on the response tokens. Returns the last loss."""
+    target_accuracy: float = 0.0,
+    max_new_tokens: int = 8,
+) -> WarmStartResult:
+    """Up to ``steps`` AdamW steps of next-token loss on the response tokens.
+
+    With ``target_accuracy`` > 0, every 100 steps the greedy accuracy on the first 200 of
+    ``prompts`` is measured, and the warm start stops once it reaches the target.
+    """
     device = next(model.parameters()).device
     rng = random.Random(f"warm-start/{seed}")
+    # Tokenise once: rows of (prompt ids, response ids + EOS).
+    targets = tokenizer([sft_text(p) for p in prompts], add_special_tokens=False)["input_ids"]
+    rows = [
+        (render_prompt(tokenizer, p.question, template), [*t, tokenizer.eos_token_id])
+        for p, t in zip(prompts, targets)
+    ]
+    check = prompts[:_CHECK_PROMPTS]
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
-    loss_value = float("nan")
-    for step in range(steps):
-        chunk = [prompts[rng.randrange(len(prompts))] for _ in range(batch_size)]
-        rows = []
-        for p in chunk:
-            prompt_ids = render_prompt(tokenizer, p.question, template)
-            target = tokenizer(sft_text(p), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-            rows.append((prompt_ids, target))
-        width = max(len(a) + len(b) for a, b in rows)
-        ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, (a, b) in enumerate(rows):
+    loss_value, accuracy = float("nan"), None
+    step = 0
+    while step < steps:
+        chunk = [rows[rng.randrange(len(rows))] for _ in range(batch_size)]
+        width = max(len(a) + len(b) for a, b in chunk)
+        ids = torch.full((batch_size, width), tokenizer.pad_token_id, dtype=torch.long)
+        labels = torch.full((batch_size, width), -100, dtype=torch.long)
+        mask = torch.zeros((batch_size, width), dtype=torch.long)
+        for i, (a, b) in enumerate(chunk):
             ids[i, : len(a) + len(b)] = torch.tensor(a + b)
             labels[i, len(a) : len(a) + len(b)] = torch.tensor(b)
             mask[i, : len(a) + len(b)] = 1
@@ -56,7 +81,49 @@ def warm_start(
         loss.backward()
         optimizer.step()
         loss_value = float(loss.detach())
-        if step % 50 == 0 or step == steps - 1:
-            logger.info("warm start %d/%d: loss %.3f", step + 1, steps, loss_value)
+        step += 1
+        if target_accuracy > 0 and (step % _CHECK_EVERY == 0 or step == steps):
+            accuracy = greedy_accuracy(
+                model, tokenizer, check, template=template, max_new_tokens=max_new_tokens
+            )
+            model.train()
+            logger.info(
+                "warm start %d/%d: loss %.3f, train accuracy %.3f (target %.2f)",
+                step,
+                steps,
+                loss_value,
+                accuracy,
+                target_accuracy,
+            )
+            if accuracy >= target_accuracy:
+                break
+        elif step % _CHECK_EVERY == 0:
+            logger.info("warm start %d/%d: loss %.3f", step, steps, loss_value)
     model.eval()
-    return loss_value
+    return WarmStartResult(step, loss_value, accuracy)
+
+
+def warm_start_from_config(model: Any, tokenizer: Any, prompts: list[Prompt], cfg: Config) -> WarmStartResult:
+    """``warm_start`` with the ``trainer.warmup_sft_*`` settings of ``cfg``."""
+    tr = cfg.trainer
+    result = warm_start(
+        model,
+        tokenizer,
+        prompts,
+        steps=tr.warmup_sft_steps,
+        batch_size=tr.warmup_sft_batch,
+        lr=tr.warmup_sft_lr,
+        template=cfg.data.template,
+        seed=cfg.seed,
+        target_accuracy=tr.warmup_sft_target,
+        max_new_tokens=cfg.rollout.max_new_tokens,
+    )
+    if tr.warmup_sft_target > 0 and (result.accuracy or 0.0) < tr.warmup_sft_target:
+        logger.warning(
+            "warm start spent trainer.warmup_sft_steps=%d without reaching trainer.warmup_sft_target=%.2f "
+            "(train accuracy %.3f); RL starts from a weaker policy. Raise warmup_sft_steps to go on.",
+            tr.warmup_sft_steps,
+            tr.warmup_sft_target,
+            result.accuracy or 0.0,
+        )
+    return result

@@ -1,7 +1,7 @@
 """The embedded tiny model: a real Hugging Face directory, built offline, deterministic.
 
-With the defaults the model has 140,032 parameters (vocabulary 259 = 3 special tokens + 256
-bytes, hidden 64, 2 layers, tied embeddings).
+With the defaults the model has 525,824 parameters (vocabulary 259 = 3 special tokens + 256
+bytes, hidden 128, 2 layers, tied embeddings).
 """
 
 from __future__ import annotations
@@ -76,12 +76,12 @@ def test_config_ids_agree_with_tokenizer(model_dir: Path) -> None:
     assert tok_config["tokenizer_class"] == "Qwen2Tokenizer"
 
 
-def test_model_loads_and_runs_forward_140032_params(model_dir: Path) -> None:
+def test_model_loads_and_runs_forward_525824_params(model_dir: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    # embed 259*64 = 16,576 (tied with the head); per layer: q 64*64+64, k and v 64*32+32
-    # each, o 64*64, mlp 3*64*256, two norms 2*64 = 61,696; final norm 64.
-    assert sum(p.numel() for p in model.parameters()) == 16_576 + 2 * 61_696 + 64 == 140_032
+    # embed 259*128 = 33,152 (tied with the head); per layer: q 128*128+128, k and v
+    # 128*64+64 each, o 128*128, mlp 3*128*512, two norms 2*128 = 246,272; final norm 128.
+    assert sum(p.numel() for p in model.parameters()) == 33_152 + 2 * 246_272 + 128 == 525_824
     assert model.lm_head.weight is model.model.embed_tokens.weight
     ids = torch.tensor([tok.encode("12+34=")])
     with torch.no_grad():
@@ -120,9 +120,9 @@ def test_build_does_not_touch_global_rng(tmp_path: Path) -> None:
 def test_default_model_dir_honours_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("ASYNC_RL_CACHE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert default_model_dir(3) == tmp_path / "xdg" / "async-rl" / "tiny-qwen2-char-s3-v1"
+    assert default_model_dir(3) == tmp_path / "xdg" / "async-rl" / "tiny-qwen2-char-s3-v2"
     monkeypatch.setenv("ASYNC_RL_CACHE_DIR", str(tmp_path / "base"))
-    assert default_model_dir() == tmp_path / "base" / "tiny-qwen2-char-s0-v1"
+    assert default_model_dir() == tmp_path / "base" / "tiny-qwen2-char-s0-v2"
 
 
 def test_ensure_builds_once_then_reuses(
@@ -131,7 +131,7 @@ def test_ensure_builds_once_then_reuses(
     monkeypatch.setenv("ASYNC_RL_CACHE_DIR", str(tmp_path))
     with caplog.at_level(logging.INFO, logger="async_rl.tiny_model"):
         path = ensure_tiny_model(seed=0)
-    assert path == tmp_path / "tiny-qwen2-char-s0-v1"
+    assert path == tmp_path / "tiny-qwen2-char-s0-v2"
     assert any("building" in r.message for r in caplog.records)
     mtime = (path / "model.safetensors").stat().st_mtime_ns
     caplog.clear()
@@ -140,7 +140,7 @@ def test_ensure_builds_once_then_reuses(
     assert (path / "model.safetensors").stat().st_mtime_ns == mtime
     assert not caplog.records
     # No temporary build directories are left beside the cache entry.
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-qwen2-char-s0-v1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-qwen2-char-s0-v2"]
 
 
 def test_ensure_lost_race_keeps_winner(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -165,7 +165,7 @@ def test_ensure_lost_race_keeps_winner(monkeypatch: pytest.MonkeyPatch, tmp_path
 
 def test_ensure_rejects_incomplete_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("ASYNC_RL_CACHE_DIR", str(tmp_path))
-    (tmp_path / "tiny-qwen2-char-s0-v1").mkdir()
-    (tmp_path / "tiny-qwen2-char-s0-v1" / "config.json").write_text("{}")
+    (tmp_path / "tiny-qwen2-char-s0-v2").mkdir()
+    (tmp_path / "tiny-qwen2-char-s0-v2" / "config.json").write_text("{}")
     with pytest.raises(ValueError, match=r"not a complete model directory.*delete it"):
         ensure_tiny_model(0)
