@@ -28,7 +28,6 @@ def make_engine(cfg: Config, model_path: str, *, device: str, eos_token_id: int,
                 seed=cfg.seed,
             )
         case EngineKind.SGLANG:
-            raise NotImplementedError(
-                "rollout.engine=sglang is not available in this release (tracked in the long-tail "
-                "issue); use rollout.engine=torch"
-            )
+            from actors.sglang_engine import make_sglang_engine  # imports SGLang only if it launches one
+
+            return make_sglang_engine(cfg, model_path, device=device, eos_token_id=eos_token_id)

@@ -133,6 +133,18 @@ class RolloutConfig:
     lease_timeout_s: float = 120.0
     # torch CPU threads per actor process (0 = share the machine's cores evenly).
     num_threads: int = 0
+    # rollout.engine=sglang only. Empty: an in-process sglang.Engine per actor; else the
+    # http://HOST:PORT of an SGLang server that serves this actor alone.
+    sglang_url: str = ""
+    # In-process SGLang: tensor-parallel size and the static GPU memory fraction.
+    sglang_tp_size: int = 1
+    sglang_mem_fraction: float = 0.7
+    # Timeout of one HTTP /generate call (s).
+    sglang_timeout_s: float = 600.0
+    # The actor forwards received weights to SGLang over its own group: backend
+    # ("" = nccl on CUDA, gloo on CPU) and the actor address SGLang connects to.
+    sglang_relay_backend: str = ""
+    sglang_relay_host: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         _check(self.num_actors >= 1, f"rollout.num_actors={self.num_actors}: must be >= 1")
@@ -144,6 +156,12 @@ class RolloutConfig:
         _check(self.max_num_seqs >= 1, f"rollout.max_num_seqs={self.max_num_seqs}: must be >= 1")
         _check(self.prompts_per_request >= 1, "rollout.prompts_per_request: must be >= 1")
         _check(self.lease_timeout_s > 0, "rollout.lease_timeout_s: must be > 0")
+        _check(self.sglang_tp_size >= 1, "rollout.sglang_tp_size: must be >= 1")
+        _check(0 < self.sglang_mem_fraction < 1, "rollout.sglang_mem_fraction: must be in (0, 1)")
+        _check(
+            self.sglang_relay_backend in ("", "gloo", "nccl"),
+            f"rollout.sglang_relay_backend={self.sglang_relay_backend!r}: use gloo, nccl or leave empty",
+        )
 
 
 @dataclass
