@@ -52,6 +52,20 @@ class EngineKind(enum.Enum, metaclass=_ByValue):
     SGLANG = "sglang"  # SGLang (GPU only, [sglang] extra)
 
 
+class ResumeKV(enum.Enum, metaclass=_ByValue):
+    KEEP = "keep"  # in-flight sequences continue on the cache the old weights wrote
+    RECOMPUTE = "recompute"  # re-prefill prompt + generated tokens with the new weights
+
+
+class AdvantageKind(enum.Enum, metaclass=_ByValue):
+    GROUP = "group"  # GRPO/DAPO: (r - group mean) / group std
+    RLOO = "rloo"  # leave-one-out baseline
+    BATCH = "batch"  # REINFORCE++: batch-normalised
+    BASIS = "basis"  # per-prompt history shrunk toward the batch (works at group_size 1)
+    KERNEL = "kernel"  # kernel-weighted rewards of nearby prompts (policy hidden states)
+    DIRECT = "direct"  # step-level advantages from a separately trained critic
+
+
 class SyncBackend(enum.Enum, metaclass=_ByValue):
     AUTO = "auto"  # nccl when the learner is on CUDA, else gloo
     GLOO = "gloo"
@@ -127,6 +141,9 @@ class RolloutConfig:
     engine: EngineKind = EngineKind.TORCH
     # Sequences in flight per engine (continuous batching width).
     max_num_seqs: int = 128
+    # When new weights arrive mid-sequence: continue on the old KV cache (keep) or
+    # re-prefill prompt + generated tokens with the new weights (recompute).
+    resume_kv: ResumeKV = ResumeKV.KEEP
     # Prompts an actor asks for per lease request.
     prompts_per_request: int = 8
     # A lease not completed in this many seconds is re-issued to another actor.
@@ -226,12 +243,59 @@ class AlgorithmConfig:
     # before rollout.max_new_tokens (0 = off), reaching -overlong_penalty at the cap.
     overlong_buffer: int = 0
     overlong_penalty: float = 1.0
+    # Advantage estimator (docs/estimators.md). group is DAPO's; basis and kernel also work
+    # with rollout.group_size=1; direct needs a critic (`async-rl critic`).
+    advantage: AdvantageKind = AdvantageKind.GROUP
+    # kernel: bandwidth rule ("cv": leave-one-out choice among multiples of the median
+    # distance; "median": the median heuristic) or a fixed number; history size (samples).
+    kernel_bandwidth: str = "cv"
+    kernel_history: int = 4096
+    # basis: shrinkage pseudo-count toward the batch mean (0 = estimate from the data),
+    # per-step decay of the history, and online calibration of the batch drift.
+    basis_shrinkage: float = 0.0
+    basis_decay: float = 1.0
+    basis_calibrate: bool = True
+    # direct: text that ends a reasoning step, and the directory `async-rl critic` wrote.
+    step_delimiter: str = "\n"
+    critic_dir: str = ""
 
     def __post_init__(self) -> None:
         _check(0 <= self.eps_low < 1, f"algorithm.eps_low={self.eps_low}: must be in [0, 1)")
         _check(self.eps_high >= 0, f"algorithm.eps_high={self.eps_high}: must be >= 0")
         _check(self.is_cap >= 1, f"algorithm.is_cap={self.is_cap}: must be >= 1")
         _check(self.overlong_buffer >= 0, "algorithm.overlong_buffer: must be >= 0")
+        _check(self.kernel_history >= 1, "algorithm.kernel_history: must be >= 1")
+        _check(self.basis_shrinkage >= 0, "algorithm.basis_shrinkage: must be >= 0 (0 = estimate)")
+        _check(0 < self.basis_decay <= 1, "algorithm.basis_decay: must be in (0, 1]")
+        _check(bool(self.step_delimiter), "algorithm.step_delimiter: must not be empty")
+        if self.kernel_bandwidth not in ("cv", "median"):
+            try:
+                ok = float(self.kernel_bandwidth) > 0
+            except ValueError:
+                ok = False
+            _check(
+                ok, f"algorithm.kernel_bandwidth={self.kernel_bandwidth!r}: use cv, median or a number > 0"
+            )
+        if self.advantage is AdvantageKind.DIRECT:
+            _check(
+                bool(self.critic_dir),
+                "algorithm.advantage=direct needs algorithm.critic_dir=DIR, the output of `async-rl critic`",
+            )
+
+    def kernel_bandwidth_value(self) -> str | float:
+        return (
+            self.kernel_bandwidth
+            if self.kernel_bandwidth in ("cv", "median")
+            else float(self.kernel_bandwidth)
+        )
+
+
+@dataclass
+class LearnerConfig:
+    # Write every trained group to a trajectory store (the training data of `async-rl critic`).
+    save_trajectories: bool = False
+    # Where the store goes (empty: <run_dir>/trajectories).
+    trajectory_dir: str = ""
 
 
 @dataclass
@@ -278,6 +342,7 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
     transport: TransportConfig = field(default_factory=TransportConfig)
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
 
