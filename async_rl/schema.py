@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import enum
 import math
+import reprlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +31,18 @@ MAX_RESPONSES_PER_GROUP = 4096
 MAX_LEASES_PER_MESSAGE = 65536
 MAX_STRING_CHARS = 1 << 20
 MAX_PARAMS = 1 << 20
+# Far above any verifiable reward, and small enough that a group's float32 mean and std
+# (which squares deviations) stay finite: 1e300 is finite as a float64 but inf on the learner.
+MAX_ABS_REWARD = 1e9
+
+# msgpack builds Python objects before any check here runs, and a one-byte empty map costs a
+# 64-byte dict: bound that work for any input. No schema list is longer than MAX_PARAMS (weight
+# header names) or map wider than a config section; the largest legitimate message, a weight
+# header, holds one shape list per parameter. The schema has no extension types. What is left,
+# scalars at up to ~25 bytes of memory per wire byte, is bounded by transport.max_message_mb.
+_MAX_LIST = MAX_PARAMS
+_MAX_MAP = 1024
+_MAX_CONTAINERS = 2 * MAX_PARAMS
 
 _I32 = np.dtype("<i4")
 _F32 = np.dtype("<f4")
@@ -277,6 +291,26 @@ def encode(msg: Message) -> bytes:
 # --------------------------------------------------------------------------- decoding
 
 
+def _show(value: Any) -> str:
+    """A peer-controlled value for an error message: bounded work, at most 80 characters."""
+    return reprlib.repr(value)[:80]
+
+
+def _container_budget(limit: int) -> Callable[[Any], Any]:
+    """A msgpack ``list_hook``/``object_hook`` that fails once a message holds ``limit`` lists
+    and maps. A closure: msgpack calls it per container, and a bound ``__call__`` costs twice as much."""
+    left = limit
+
+    def spend(container: Any) -> Any:
+        nonlocal left
+        left -= 1
+        if left < 0:
+            raise SchemaError(f"more than {limit} lists and maps in one message")
+        return container
+
+    return spend
+
+
 def _get(d: dict[str, Any], key: str, typ: type | tuple[type, ...]) -> Any:
     if key not in d:
         raise SchemaError(f"missing field {key!r}")
@@ -329,16 +363,22 @@ def _decode_response(d: Any) -> Response:
     try:
         finish = FinishReason(_get(d, "finish", str))
     except ValueError:
-        raise SchemaError(f"unknown finish reason {d.get('finish')!r}") from None
-    return Response(tokens, logprobs, versions, _float(d, "reward"), finish)
+        raise SchemaError(f"unknown finish reason {_show(d.get('finish'))}") from None
+    reward = _float(d, "reward")
+    if abs(reward) > MAX_ABS_REWARD:
+        raise SchemaError(f"reward {reward:g} outside [-{MAX_ABS_REWARD:g}, {MAX_ABS_REWARD:g}]")
+    return Response(tokens, logprobs, versions, reward, finish)
 
 
 def _decode_trajectory(d: dict[str, Any]) -> TrajectoryGroup:
     prompt = _get(d, "prompt", bytes)
     if len(prompt) % 4 or len(prompt) // 4 > MAX_TOKENS_PER_SEQUENCE:
         raise SchemaError("prompt: bad byte length")
+    if not prompt:
+        # The first response token is predicted from the last prompt position.
+        raise SchemaError("prompt: needs at least one token")
     prompt_ids = np.frombuffer(prompt, dtype=_I32)
-    if len(prompt_ids) and int(prompt_ids.min()) < 0:
+    if int(prompt_ids.min()) < 0:
         raise SchemaError("negative token id in prompt")
     responses = _get(d, "responses", list)
     if not 1 <= len(responses) <= MAX_RESPONSES_PER_GROUP:
@@ -382,12 +422,12 @@ def _decode_header(d: dict[str, Any]) -> WeightHeader:
     if not all(isinstance(n, str) for n in names + dtypes):
         raise SchemaError("names and dtypes must be strings")
     for shape in shapes:
-        if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)):
+        if not (isinstance(shape, list) and all(type(s) is int and s >= 0 for s in shape)):
             raise SchemaError("shapes must be lists of non-negative ints")
     buckets = []
     for b in _get(d, "buckets", list):
         ok = isinstance(b, list) and len(b) == 4 and isinstance(b[0], str)
-        if not ok or not all(isinstance(x, int) and x >= 0 for x in b[1:]) or not b[2] <= b[3] <= len(names):
+        if not ok or not all(type(x) is int and x >= 0 for x in b[1:]) or not b[2] <= b[3] <= len(names):
             raise SchemaError("bucket must be [dtype, numel, first, last] within the parameter list")
         buckets.append((b[0], b[1], b[2], b[3]))
     return WeightHeader(_int(d, "version"), _int(d, "epoch"), names, shapes, dtypes, buckets)
@@ -395,15 +435,28 @@ def _decode_header(d: dict[str, Any]) -> WeightHeader:
 
 def decode(data: bytes) -> Message:
     """Parse and validate one message. Raises ``SchemaError`` on anything malformed."""
+    budget = _container_budget(_MAX_CONTAINERS)
     try:
-        d = msgpack.unpackb(data, raw=False, strict_map_key=True, max_bin_len=len(data))
+        d = msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            max_bin_len=len(data),
+            max_array_len=min(len(data), _MAX_LIST),
+            max_map_len=min(len(data), _MAX_MAP),
+            max_ext_len=0,
+            list_hook=budget,
+            object_hook=budget,
+        )
+    except SchemaError:
+        raise
     except Exception as err:  # msgpack raises several unrelated types on garbage
         raise SchemaError(f"not msgpack: {type(err).__name__}") from None
     if not isinstance(d, dict):
         raise SchemaError("message is not a map")
     version = d.get("v")
-    if version != SCHEMA_VERSION:
-        raise SchemaError(f"schema version {version!r}, this process speaks {SCHEMA_VERSION}")
+    if type(version) is not int or version != SCHEMA_VERSION:
+        raise SchemaError(f"schema version {_show(version)}, this process speaks {SCHEMA_VERSION}")
     kind = d.get("k")
     match kind:
         case "trajectory":
@@ -452,19 +505,21 @@ def decode(data: bytes) -> Message:
         case "bye":
             return Bye(_get(d, "actor_id", str), _get(d, "reason", str))
         case _:
-            raise SchemaError(f"unknown message kind {kind!r}")
+            raise SchemaError(f"unknown message kind {_show(kind)}")
 
 
 def check_group(group: TrajectoryGroup, *, vocab_size: int, max_version: int, group_size: int) -> None:
     """Checks that need the learner's state. Raises ``SchemaError``."""
     if len(group.responses) != group_size:
         raise SchemaError(f"group has {len(group.responses)} responses, rollout.group_size={group_size}")
-    arrays = [group.prompt_token_ids] + [r.token_ids for r in group.responses]
-    for ids in arrays:
+    arrays = [("prompt", group.prompt_token_ids)] + [
+        (f"response {i}", r.token_ids) for i, r in enumerate(group.responses)
+    ]
+    for where, ids in arrays:
         if len(ids) and int(ids.max()) >= vocab_size:
-            raise SchemaError(f"token id {int(ids.max())} >= vocab size {vocab_size}")
-    for r in group.responses:
+            raise SchemaError(f"{where}: token id {int(ids.max())} >= vocab size {vocab_size}")
+    for i, r in enumerate(group.responses):
         if r.length and int(r.versions.max()) > max_version:
             raise SchemaError(
-                f"version {int(r.versions.max())} is from the future (learner at {max_version})"
+                f"response {i}: version {int(r.versions.max())} is from the future (learner at {max_version})"
             )
