@@ -3,6 +3,7 @@
     async-rl train   [OVERRIDES]       learner + rollout.num_actors actors, with progress
     async-rl learner [OVERRIDES]       the learner alone (actors join it later)
     async-rl actor learner=ADDR [...]  one generator actor, on this machine or another
+    async-rl critic store=DIR out=DIR  train the step critic of algorithm.advantage=direct
 
 OVERRIDES are Hydra overrides such as ``rollout.max_staleness=4 trainer.max_steps=50``.
 """
@@ -46,7 +47,46 @@ def _parser() -> argparse.ArgumentParser:
         nargs="*",
         help="learner=HOST:PORT|path/to/endpoints.json (required), id=NAME, device=cpu|cuda, threads=N",
     )
+    p = sub.add_parser(
+        "critic",
+        help="train the step-level critic (algorithm.advantage=direct) on saved trajectories",
+        description="train the step-level critic (algorithm.advantage=direct) on the trajectories a "
+        "learner saved with learner.save_trajectories=true; writes critic_NNNNNN under out",
+    )
+    p.add_argument("options", nargs="*", help=f"store=DIR out=DIR (required); {', '.join(_CRITIC_KNOBS)}")
     return parser
+
+
+# Optional `async-rl critic` settings and their types (train_critic's keyword arguments).
+_CRITIC_KNOBS: dict[str, type] = {
+    "epochs": int,
+    "batch_size": int,
+    "lr": float,
+    "seed": int,
+    "max_records": int,
+    "val_fraction": float,
+    "device": str,
+}
+
+
+def _critic(options: list[str]) -> int:
+    opts: dict[str, str] = {}
+    for item in options:
+        key, sep, value = item.partition("=")
+        if not sep or key not in {"store", "out", *_CRITIC_KNOBS}:
+            raise ValueError(
+                f"critic option {item!r}: expected store=, out= or one of {sorted(_CRITIC_KNOBS)}"
+            )
+        opts[key] = value
+    if "store" not in opts or "out" not in opts:
+        raise ValueError("critic needs store=DIR (a learner's trajectories) and out=DIR (where critics go)")
+    kwargs: dict[str, object] = {k: _CRITIC_KNOBS[k](v) for k, v in opts.items() if k in _CRITIC_KNOBS}
+    setup_logging("INFO")
+    from learners.critic import train_critic
+
+    path = train_critic(opts["store"], opts["out"], **kwargs)  # type: ignore[arg-type]
+    print(f"critic saved: {path}")
+    return 0
 
 
 def setup_logging(level: str, log_file: Path | None = None) -> None:
@@ -99,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
                 from async_rl.launcher import learner
 
                 return learner(args.overrides)
+            case "critic":
+                return _critic(args.options)
             case "actor":
                 opts = _actor_options(args.options)
                 setup_logging(opts.get("log_level", "INFO"))

@@ -35,6 +35,7 @@ def run_reference(cfg: Config, model_path: str | Path) -> Any:
 
     from actors.actor import score_group
     from actors.torch_engine import Request, Sample, TorchEngine
+    from learners.advantages import estimator_from_config
     from learners.trainer import StepParams, make_batch, train_step
     from learners.warmstart import warm_start_from_config
 
@@ -69,6 +70,8 @@ def run_reference(cfg: Config, model_path: str | Path) -> Any:
     _copy_weights(model, engine, version=0)
     source = PromptSource(train_prompts, seed=cfg.seed)
     params = StepParams.from_config(cfg)
+    estimator = estimator_from_config(cfg, tokenizer)
+    filters = cfg.algorithm.dynamic_sampling and estimator.filters_zero_variance
     g = ro.group_size
     for version in range(tr.max_steps):
         accepted: list[tuple[int, TrajectoryGroup]] = []
@@ -85,11 +88,11 @@ def run_reference(cfg: Config, model_path: str | Path) -> Any:
             for seq, lease in leases.items():
                 group = score_group(tokenizer, lease, prompt_ids[seq], samples[seq], "reference")
                 rewards = [r.reward for r in group.responses]
-                if not cfg.algorithm.dynamic_sampling or max(rewards) > min(rewards):
+                if not filters or max(rewards) > min(rewards):
                     accepted.append((seq, group))
         accepted.sort(key=lambda item: item[0])
         batch = make_batch([group for _, group in accepted], pad_id=tokenizer.pad_token_id, device=device)
-        train_step(model, optimizer, batch, params, version=version)
+        train_step(model, optimizer, batch, params, version=version, estimator=estimator)
         logger.info("reference step %d: reward %.3f", version + 1, float(batch.rewards.mean()))
         _copy_weights(model, engine, version=version + 1)
     return model

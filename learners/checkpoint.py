@@ -2,7 +2,8 @@
 
 ``checkpoints/step_<N>/`` holds ``config.json``, ``model.safetensors``, the tokenizer,
 ``optimizer.pt`` (a local file this learner wrote; nothing from the network is ever
-unpickled) and ``state.json`` (version, coordinator state).
+unpickled), ``state.json`` (version, coordinator state) and ``estimator.safetensors`` (the
+advantage estimator's history, for the stateful estimators).
 """
 
 from __future__ import annotations
@@ -14,13 +15,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 logger = logging.getLogger(__name__)
 
 
 def save_checkpoint(
-    run_dir: Path, *, model: Any, tokenizer: Any, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+    run_dir: Path,
+    *,
+    model: Any,
+    tokenizer: Any,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    tensors: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
+    """Write ``checkpoints/step_<version>``; each entry of ``tensors`` (e.g. the advantage
+    estimator's state) goes to ``<name>.safetensors`` beside the model."""
     root = Path(run_dir) / "checkpoints"
     final = root / f"step_{state['version']}"
     tmp = root / f".tmp_step_{state['version']}"
@@ -30,6 +40,11 @@ def save_checkpoint(
     tokenizer.save_pretrained(tmp)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    for name, named in (tensors or {}).items():
+        if named:
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in named.items()}, tmp / f"{name}.safetensors"
+            )
     shutil.rmtree(final, ignore_errors=True)
     tmp.replace(final)  # a crash mid-save never leaves a half checkpoint under the final name
     (root / "latest").write_text(final.name)

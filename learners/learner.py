@@ -47,7 +47,9 @@ from async_rl.schema import (
 )
 from async_rl.text import check_model_dir, load_tokenizer
 from async_rl.transport import Endpoints, LearnerServer
+from learners.advantages import estimator_from_config
 from learners.checkpoint import save_checkpoint
+from learners.critic import TrajectoryWriter, delimiter_token_ids, records_from_groups
 from learners.evaluate import greedy_accuracy
 from learners.trainer import StepParams, make_batch, train_step
 from learners.warmstart import warm_start_from_config
@@ -85,6 +87,23 @@ class Learner:
             self.model.parameters(), lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay
         )
         self.train_prompts, self.eval_prompts = build_datasets(cfg.data, seed=cfg.seed)
+        self.estimator = estimator_from_config(cfg, self.tokenizer)
+        # Dynamic sampling drops groups whose rewards are all equal: they carry no signal for
+        # group-relative advantages, but do for batch, history and critic baselines.
+        self.filter_groups = cfg.algorithm.dynamic_sampling and self.estimator.filters_zero_variance
+        if cfg.algorithm.dynamic_sampling and not self.filter_groups:
+            logger.info(
+                "dynamic sampling's zero-variance filter is off: algorithm.advantage=%s with "
+                "rollout.group_size=%d gives all-equal groups a non-zero advantage",
+                cfg.algorithm.advantage.value,
+                cfg.rollout.group_size,
+            )
+        self.trajectories: TrajectoryWriter | None = None
+        if cfg.learner.save_trajectories:
+            store = Path(cfg.learner.trajectory_dir or self.run_dir / "trajectories")
+            self.trajectories = TrajectoryWriter(store)
+            self.step_delimiters = delimiter_token_ids(self.tokenizer, cfg.algorithm.step_delimiter)
+            logger.info("saving trained trajectories to %s (learner.save_trajectories)", store)
         self.coordinator = Coordinator(
             PromptSource(self.train_prompts, seed=cfg.seed),
             batch_groups=cfg.trainer.batch_groups,
@@ -234,7 +253,9 @@ class Learner:
         batch = make_batch(groups, pad_id=self.tokenizer.pad_token_id, device=self.device)
         params = StepParams.from_config(cfg)
         metrics: dict[str, Any] = dict(
-            train_step(self.model, self.optimizer, batch, params, version=self.version)
+            train_step(
+                self.model, self.optimizer, batch, params, version=self.version, estimator=self.estimator
+            )
         )
         staleness = [self.version - g.min_version for g in groups]
         spans = [int(r.versions.max() - r.versions.min()) for g in groups for r in g.responses if r.length]
@@ -249,6 +270,10 @@ class Learner:
             "rollout/trained_leases": [a.group.lease_id for a in accepted],
             "rollout/trained_staleness": staleness,
         }
+        if self.trajectories is not None:
+            self.trajectories.write(
+                records_from_groups(groups, delimiter_ids=self.step_delimiters, version=self.version)
+            )
         self.version += 1
         return metrics
 
@@ -294,7 +319,12 @@ class Learner:
     def save(self) -> Path:
         state = {"version": self.version, "coordinator": self.coordinator.state_dict()}
         return save_checkpoint(
-            self.run_dir, model=self.model, tokenizer=self.tokenizer, optimizer=self.optimizer, state=state
+            self.run_dir,
+            model=self.model,
+            tokenizer=self.tokenizer,
+            optimizer=self.optimizer,
+            state=state,
+            tensors={"estimator": self.estimator.state_dict()},
         )
 
     def close(self) -> None:
@@ -311,6 +341,8 @@ class Learner:
             self.group.close()
         self.server.close()
         self.metrics.close()
+        if self.trajectories is not None:
+            self.trajectories.close()
 
     # ------------------------------------------------------------------ service thread
 
@@ -382,7 +414,7 @@ class Learner:
             return
         rewards = [r.reward for r in msg.responses]
         # Dynamic sampling: a group whose rewards are all equal has zero advantage everywhere.
-        informative = not self.cfg.algorithm.dynamic_sampling or max(rewards) > min(rewards)
+        informative = not self.filter_groups or max(rewards) > min(rewards)
         seq = self.coordinator.lease_sequence(msg.lease_id)
         outcome = self.coordinator.finish(msg.lease_id, accepted=informative)
         if outcome in (Outcome.ACCEPTED, Outcome.FILTERED):

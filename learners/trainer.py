@@ -14,7 +14,8 @@ import torch
 
 from async_rl.config import Config
 from async_rl.schema import FinishReason, TrajectoryGroup
-from learners.loss import group_advantages, overlong_penalty, policy_loss
+from learners.advantages import AdvantageEstimator, AdvantageInputs, mean_pool
+from learners.loss import overlong_penalty, policy_loss
 
 
 @dataclass
@@ -35,6 +36,8 @@ class Batch:
     rewards: torch.Tensor  # [N] raw rewards from the actor
     lengths: torch.Tensor  # [N] response lengths
     truncated: torch.Tensor  # [N] bool: finished with reason "length"
+    prompt_ids: torch.Tensor  # [N] the dataset's prompt id of each row
+    prompt_lengths: torch.Tensor  # [N] prompt tokens at the start of each row
     group_size: int
 
 
@@ -73,6 +76,8 @@ def make_batch(groups: list[TrajectoryGroup], *, pad_id: int, device: torch.devi
         rewards=torch.tensor([r.reward for _, r in rows], dtype=torch.float32, device=device),
         lengths=torch.tensor([r.length for _, r in rows], dtype=torch.long, device=device),
         truncated=torch.tensor([r.finish_reason is FinishReason.LENGTH for _, r in rows], device=device),
+        prompt_ids=torch.tensor([g.prompt_id for g in groups for _ in g.responses], device=device),
+        prompt_lengths=torch.tensor([len(p) for p, _ in rows], dtype=torch.long, device=device),
         group_size=len(groups[0].responses),
     )
 
@@ -115,24 +120,50 @@ class StepParams:
         )
 
 
-def advantages_for(batch: Batch, p: StepParams) -> tuple[torch.Tensor, torch.Tensor]:
+def advantages_for(
+    model: torch.nn.Module, batch: Batch, p: StepParams, estimator: AdvantageEstimator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Shaped rewards [N] (overlong penalty added at the learner, where the limits live) and
-    group-normalised advantages [N]."""
+    the advantages of ``estimator`` ([N], or [N, R] for step-level ones)."""
     shaped = batch.rewards
     if p.overlong_buffer:
         shaped = shaped + overlong_penalty(
             batch.lengths, max_len=p.max_new_tokens, buffer=p.overlong_buffer, penalty=p.overlong_penalty
         )
-    adv = group_advantages(shaped.view(-1, batch.group_size)).view(-1)
-    return shaped, adv
+    inputs = AdvantageInputs(
+        rewards=shaped,
+        prompt_ids=batch.prompt_ids,
+        group_size=batch.group_size,
+        embeddings=prompt_embeddings(model, batch) if estimator.needs_embeddings else None,
+        input_ids=batch.input_ids,
+        prompt_lengths=batch.prompt_lengths,
+        response_mask=batch.mask,
+    )
+    return shaped, estimator(inputs)
+
+
+@torch.no_grad()
+def prompt_embeddings(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """The policy's own view of each prompt: its last hidden layer averaged over the prompt
+    tokens, [N, D] (the kernel estimator's embedding)."""
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True)
+    positions = torch.arange(batch.input_ids.shape[1], device=batch.input_ids.device)
+    prompt_mask = positions.unsqueeze(0) < batch.prompt_lengths.unsqueeze(1)
+    return mean_pool(out.hidden_states[-1].float(), prompt_mask)
 
 
 def train_step(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, p: StepParams, *, version: int
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: Batch,
+    p: StepParams,
+    *,
+    version: int,
+    estimator: AdvantageEstimator,
 ) -> dict[str, float]:
     """One policy update on ``batch``: ``p.mini_batches`` optimizer steps against the same
     proximal policy (the weights before the first of them)."""
-    shaped, adv = advantages_for(batch, p)
+    shaped, adv = advantages_for(model, batch, p, estimator)
     n = batch.input_ids.shape[0]
     g = batch.group_size
     # Mini-batches split at group boundaries.
@@ -172,7 +203,9 @@ def train_step(
     model.eval()
     out = {f"loss/{k}": v for k, v in sums.items()}
     out["reward/shaped_mean"] = float(shaped.mean())
-    out["reward/advantage_abs_mean"] = float(adv.abs().mean())
+    per_token = adv[batch.mask] if adv.dim() == 2 else adv
+    out["reward/advantage_abs_mean"] = float(per_token.abs().mean())
+    out |= estimator.metrics
     out["train/tokens"] = float(batch.mask.sum())
     out["rollout/mismatch_kl"] = kl_sum / max(kl_tokens, 1)
     return out
