@@ -508,10 +508,23 @@ def decode(data: bytes) -> Message:
             raise SchemaError(f"unknown message kind {_show(kind)}")
 
 
-def check_group(group: TrajectoryGroup, *, vocab_size: int, max_version: int, group_size: int) -> None:
+def check_group(
+    group: TrajectoryGroup,
+    *,
+    vocab_size: int,
+    max_version: int,
+    group_size: int,
+    max_response_tokens: int | None = None,
+) -> None:
     """Checks that need the learner's state. Raises ``SchemaError``."""
     if len(group.responses) != group_size:
         raise SchemaError(f"group has {len(group.responses)} responses, rollout.group_size={group_size}")
+    if max_response_tokens is not None:
+        longest = max(r.length for r in group.responses)
+        if longest > max_response_tokens:
+            raise SchemaError(
+                f"a response has {longest} tokens, rollout.max_new_tokens={max_response_tokens}"
+            )
     arrays = [("prompt", group.prompt_token_ids)] + [
         (f"response {i}", r.token_ids) for i, r in enumerate(group.responses)
     ]

@@ -46,7 +46,7 @@ from async_rl.schema import (
     check_group,
 )
 from async_rl.text import check_model_dir, load_tokenizer
-from async_rl.transport import Endpoints, LearnerServer
+from async_rl.transport import Endpoints, LearnerServer, RateLimitedLog
 from learners.advantages import estimator_from_config
 from learners.checkpoint import save_checkpoint
 from learners.critic import TrajectoryWriter, delimiter_token_ids, records_from_groups
@@ -136,6 +136,7 @@ class Learner:
         self.gen_tokens = 0  # generated tokens received, filtered groups included
         self.filtered = 0
         self.rejected = 0
+        self._bad_input = RateLimitedLog(logger)
         self._service = threading.Thread(target=self._serve, name="learner-service", daemon=True)
 
     # ------------------------------------------------------------------ main thread
@@ -374,7 +375,7 @@ class Learner:
                     )
                     return
                 self.actors[actor_id] = time.monotonic()
-                logger.info("actor %s registered (pid %d on %s)", actor_id, msg.pid, msg.hostname)
+                logger.info("actor %s registered (pid %d on %s)", actor_id[:64], msg.pid, msg.hostname[:64])
                 self.server.send(
                     actor_id,
                     Registered(
@@ -395,11 +396,21 @@ class Learner:
                     logger.info("actor %s left; %d of its leases re-issued", actor_id, n)
             case _:
                 self.rejected += 1
-                logger.warning("unexpected %s from %r", type(msg).__name__, actor_id)
+                self._bad_input.warning(
+                    "unexpected %s from %r (%d rejected so far)",
+                    type(msg).__name__,
+                    actor_id[:64],
+                    self.rejected,
+                )
 
     def _on_trajectory(self, msg: Message) -> None:
         if not isinstance(msg, TrajectoryGroup):
             self.rejected += 1
+            self._bad_input.warning(
+                "unexpected %s on the trajectory channel (%d rejected so far)",
+                type(msg).__name__,
+                self.rejected,
+            )
             return
         try:
             check_group(
@@ -407,10 +418,17 @@ class Learner:
                 vocab_size=self.model.config.vocab_size,
                 max_version=self.version,
                 group_size=self.cfg.rollout.group_size,
+                max_response_tokens=self.cfg.rollout.max_new_tokens,
             )
         except SchemaError as err:
             self.rejected += 1
-            logger.warning("rejected group for lease %d from %s: %s", msg.lease_id, msg.actor_id, err)
+            self._bad_input.warning(
+                "rejected group for lease %d from %s: %s (%d rejected so far)",
+                msg.lease_id,
+                msg.actor_id[:64],
+                err,
+                self.rejected,
+            )
             return
         rewards = [r.reward for r in msg.responses]
         # Dynamic sampling: a group whose rewards are all equal has zero advantage everywhere.

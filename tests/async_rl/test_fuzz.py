@@ -455,6 +455,15 @@ def test_check_group_names_what_is_wrong(group: TrajectoryGroup, message: str) -
         check_group(group, vocab_size=8, max_version=3, group_size=2)
 
 
+def test_check_group_bounds_response_length_by_max_new_tokens() -> None:
+    # A valid-looking group with responses longer than the learner lets actors sample would
+    # otherwise be batched (and could exhaust memory); exactly the limit is fine.
+    group = _group_of([1], ([1, 2, 3], [0, 0, 0]), ([2], [0]))
+    check_group(group, vocab_size=8, max_version=3, group_size=2, max_response_tokens=3)
+    with pytest.raises(SchemaError, match=r"^a response has 3 tokens, rollout.max_new_tokens=2$"):
+        check_group(group, vocab_size=8, max_version=3, group_size=2, max_response_tokens=2)
+
+
 # --------------------------------------------------------------------------- live sockets
 
 _MAX_MB = 1
