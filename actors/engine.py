@@ -26,6 +26,7 @@ def make_engine(cfg: Config, model_path: str, *, device: str, eos_token_id: int,
                 eos_token_id=eos_token_id,
                 pad_token_id=pad_token_id,
                 seed=cfg.seed,
+                resume_kv=rollout.resume_kv.value,
             )
         case EngineKind.SGLANG:
             from actors.sglang_engine import make_sglang_engine  # imports SGLang only if it launches one

@@ -6,8 +6,12 @@
 * Group sharing: the G samples of one prompt share one prefill (the cache is repeated).
 * Each token is sampled from ``actors.sampling`` and carries its logprob under the
   distribution sampled and the policy version that sampled it.
-* Weights can be replaced between any two steps; in-flight sequences continue on their
-  cache with the new policy (partial rollout resumption, ``resume_kv=keep``).
+* Weights can be replaced between any two steps (partial rollout resumption). In-flight
+  sequences then either continue on the cache the old weights wrote (``resume_kv=keep``)
+  or have prompt + generated tokens prefilled again with the new weights before the next
+  decode step (``resume_kv=recompute``), so that the continuation conditions on a cache
+  written by the policy that samples it. Either way nothing is discarded: every token
+  already sampled keeps its logprob and version, and only new tokens get the new version.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from actors.sampling import sample, sample_keys
+from async_rl.config import ResumeKV
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +38,8 @@ class Request:
     prompt_ids: list[int]
     n: int
     seq: int
+    # Caps this request's responses below the engine's max_new_tokens (None: the engine's).
+    max_new_tokens: int | None = None
 
 
 @dataclass
@@ -51,7 +58,11 @@ class Sample:
 class _Row:
     sample: Sample
     key: np.uint64
-    length: int  # real tokens in the cache for this row
+    prompt_ids: list[int]  # the request's list, shared by its n rows (never mutated)
+    max_new_tokens: int
+    # Real tokens in this row's cache: prompt + all generated tokens but the last, which is
+    # the next decode step's input.
+    length: int
 
 
 class TorchEngine:
@@ -68,7 +79,12 @@ class TorchEngine:
         eos_token_id: int,
         pad_token_id: int,
         seed: int,
+        resume_kv: str = "keep",
     ) -> None:
+        try:
+            self.resume_kv = ResumeKV(resume_kv)
+        except ValueError:
+            raise ValueError(f"rollout.resume_kv={resume_kv!r}: use keep or recompute") from None
         self.device = torch.device(device)
         model: Any = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
         self.model = model.to(self.device).eval()
@@ -86,7 +102,10 @@ class TorchEngine:
         self._cache: DynamicCache | None = None
         self._mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)
         self._next_input = torch.zeros(0, dtype=torch.long, device=self.device)
+        # Set when the weights changed under in-flight rows and resume_kv=recompute.
+        self._stale_cache = False
         self.generated_tokens = 0
+        self.recomputed_tokens = 0  # tokens prefilled again after a weight change
 
     # ------------------------------------------------------------------ requests
 
@@ -95,6 +114,8 @@ class TorchEngine:
             raise ValueError(
                 f"a request of {request.n} samples exceeds rollout.max_num_seqs={self.max_num_seqs}"
             )
+        if request.max_new_tokens is not None and request.max_new_tokens < 1:
+            raise ValueError(f"request {request.request_id}: max_new_tokens={request.max_new_tokens} < 1")
         self._waiting.append(request)
 
     @property
@@ -115,8 +136,11 @@ class TorchEngine:
 
     @torch.no_grad()
     def step(self) -> list[Sample]:
-        """Admit waiting requests into free rows (their prefill samples their first token),
-        then one decode step for every row. Returns the samples that finished."""
+        """Rebuild stale caches (resume_kv=recompute after a weight change), admit waiting
+        requests into free rows (their prefill samples their first token), then one decode
+        step for every row. Returns the samples that finished."""
+        if self._stale_cache:
+            self._recompute()
         finished: list[Sample] = []
         if self._admit():
             finished += self._retire()  # a first token may already be EOS
@@ -135,12 +159,37 @@ class TorchEngine:
             free -= request.n
         if not take:
             return 0
-        width = max(len(r.prompt_ids) for r in take)
-        ids = torch.full((len(take), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(take), width), dtype=torch.long)
-        for i, r in enumerate(take):
-            ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
-            mask[i, width - len(r.prompt_ids) :] = 1
+        cache, mask, last_logits = self._prefill([r.prompt_ids for r in take])
+        # One prefill per prompt, then repeat its cache row for each of the n samples.
+        repeat = torch.tensor([r.n for r in take], device=self.device)
+        index = torch.repeat_interleave(torch.arange(len(take), device=self.device), repeat)
+        _select_rows(cache, index)
+        logits = last_logits.index_select(0, index)
+        new_rows = [
+            _Row(
+                Sample(r.request_id, k),
+                key,
+                r.prompt_ids,
+                min(r.max_new_tokens or self.max_new_tokens, self.max_new_tokens),
+                len(r.prompt_ids),
+            )
+            for r in take
+            for k, key in zip(range(r.n), sample_keys(self.seed, np.full(r.n, r.seq), np.arange(r.n)))
+        ]
+        tokens = self._sample_into(new_rows, logits)
+        self._merge(cache, mask.index_select(0, index), tokens, new_rows)
+        return len(new_rows)
+
+    def _prefill(self, seqs: list[list[int]]) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
+        """One left-padded forward pass over ``seqs`` with the current weights.
+
+        Returns (cache, attention mask [B, T], logits at the last position [B, V])."""
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, width - len(s) :] = torch.tensor(s)
+            mask[i, width - len(s) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         cache = DynamicCache(config=self.model.config)
         out = self.model(
@@ -149,20 +198,25 @@ class TorchEngine:
             position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
             past_key_values=cache,
             use_cache=True,
+            logits_to_keep=1,  # [B, 1, V]: never materialise logits for every position
         )
-        # One prefill per prompt, then repeat its cache row for each of the n samples.
-        repeat = torch.tensor([r.n for r in take], device=self.device)
-        index = torch.repeat_interleave(torch.arange(len(take), device=self.device), repeat)
-        _select_rows(cache, index)
-        logits = out.logits[:, -1].index_select(0, index)
-        new_rows = [
-            _Row(Sample(r.request_id, k), key, len(r.prompt_ids))
-            for r in take
-            for k, key in zip(range(r.n), sample_keys(self.seed, np.full(r.n, r.seq), np.arange(r.n)))
-        ]
-        tokens = self._sample_into(new_rows, logits)
-        self._merge(cache, mask.index_select(0, index), tokens, new_rows)
-        return len(new_rows)
+        return cache, mask, out.logits[:, -1]
+
+    def _recompute(self) -> None:
+        """Replace the cache of every in-flight row by one the current weights wrote.
+
+        The cache holds prompt + generated tokens but the last (the next decode input), so
+        exactly that is prefilled again; the logits are not needed and nothing is sampled
+        here. Samples keep their tokens, logprobs and versions, so the next decode step
+        samples the same step index with the same key as it would have under keep."""
+        self._stale_cache = False
+        if not self._rows:
+            return
+        seqs = [row.prompt_ids + row.sample.token_ids[:-1] for row in self._rows]
+        self._cache, self._mask, _ = self._prefill(seqs)
+        for row, seq in zip(self._rows, seqs):
+            row.length = len(seq)
+        self.recomputed_tokens += sum(len(s) for s in seqs)
 
     def _decode(self) -> None:
         """Feed every row its last sampled token; sample the next one."""
@@ -214,7 +268,7 @@ class TorchEngine:
             s = row.sample
             if s.token_ids and s.token_ids[-1] == self.eos_token_id:
                 s.finish_reason = "stop"
-            elif len(s.token_ids) >= self.max_new_tokens:
+            elif len(s.token_ids) >= row.max_new_tokens:
                 s.finish_reason = "length"
             else:
                 keep.append(i)
@@ -249,10 +303,17 @@ class TorchEngine:
         return dict(self.model.named_parameters())
 
     def set_version(self, version: int) -> None:
+        """Tokens sampled from now on carry ``version``. Call after the new weights were
+        copied into ``parameters()``. With resume_kv=recompute and rows in flight, their
+        caches are rebuilt at the start of the next step (once, however many updates
+        arrive before it)."""
+        if version != self.version and self._rows and self.resume_kv is ResumeKV.RECOMPUTE:
+            self._stale_cache = True
         self.version = version
 
     def close(self) -> None:
         self._rows, self._waiting, self._cache = [], [], None
+        self._stale_cache = False
 
 
 def _left_pad(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from actors.sampling import sample, sampling_logprobs
-from actors.torch_engine import Request, TorchEngine
+from actors.torch_engine import Request, Sample, TorchEngine
 
 
 def _engine(path: Path, max_num_seqs: int = 12) -> TorchEngine:
@@ -27,7 +27,7 @@ def _engine(path: Path, max_num_seqs: int = 12) -> TorchEngine:
     )
 
 
-def _run(engine: TorchEngine, requests: list[Request]) -> dict[tuple[int, int], object]:
+def _run(engine: TorchEngine, requests: list[Request]) -> dict[tuple[int, int], Sample]:
     for r in requests:
         engine.add(r)
     done = {}
@@ -77,3 +77,24 @@ def test_sampling_by_hand() -> None:
     # Temperature 2 flattens: p ∝ sqrt(p) -> 0.5/(0.5+0.866) = 0.366.
     flat = sampling_logprobs(logits, temperature=2.0, top_p=1.0).exp()
     assert abs(flat[0, 0].item() - 0.5 / (0.5 + 0.75**0.5)) < 1e-6
+
+
+def test_a_request_can_cap_its_own_length(tiny_model_dir: Path) -> None:
+    engine = TorchEngine(
+        str(tiny_model_dir),
+        device="cpu",
+        dtype=torch.float32,
+        max_num_seqs=4,
+        max_new_tokens=6,
+        temperature=1.0,
+        top_p=1.0,
+        eos_token_id=-1,  # no token ends a response: lengths are exactly the caps
+        pad_token_id=0,
+        seed=3,
+    )
+    done = _run(
+        engine, [Request(0, [50, 51], 2, 0, max_new_tokens=2), Request(1, [52], 2, 1, max_new_tokens=99)]
+    )
+    # The short request leaves after its 2 tokens; the other stops at the engine's cap of 6.
+    assert {k: len(s.token_ids) for k, s in done.items()} == {(0, 0): 2, (0, 1): 2, (1, 0): 6, (1, 1): 6}
+    assert all(s.finish_reason == "length" for s in done.values())
