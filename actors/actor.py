@@ -25,9 +25,11 @@ import torch
 
 from actors.engine import make_engine
 from actors.torch_engine import Request, Sample
+from actors.weight_receiver import WeightReceiver
 from async_rl.config import Config, from_dict
 from async_rl.rewards import math_reward
 from async_rl.schema import (
+    EVICTED,
     SCHEMA_VERSION,
     Ack,
     Bye,
@@ -41,14 +43,13 @@ from async_rl.schema import (
     Registered,
     Rejected,
     Response,
+    SyncDone,
     TrajectoryGroup,
     Wait,
     WeightHeader,
 )
 from async_rl.text import load_tokenizer, render_prompt, response_text
 from async_rl.transport import ActorClient, Endpoints
-from weight_sync import broadcast
-from weight_sync.group import SyncGroup, connect_store
 
 logger = logging.getLogger(__name__)
 
@@ -76,10 +77,7 @@ class Actor:
             eos_token_id=self.tokenizer.eos_token_id,
             pad_token_id=self.tokenizer.pad_token_id,
         )
-        self.params = self.engine.parameters()
-        self.group: SyncGroup | None = None
-        self.store: Any = None
-        self.store_timeout_s = store_timeout_s
+        self.receiver = WeightReceiver(self.engine.parameters(), device=device, timeout_s=store_timeout_s)
         self.has_weights = False
         self.pending: dict[int, _Pending] = {}
         self.outbox: dict[int, TrajectoryGroup] = {}
@@ -97,13 +95,14 @@ class Actor:
         while not self.stopping:
             busy = self.engine.has_work()
             self._handle_control(timeout_s=0.0 if busy else 0.05)
+            self._maybe_swap_weights()
+            self._maybe_heartbeat()
             if self.stopping or not self.has_weights:
                 continue
             self._maybe_request_leases()
             if self.engine.has_work():
                 for sample in self.engine.step():
                     self._collect(sample)
-            self._maybe_heartbeat()
         return self.stopping
 
     # ------------------------------------------------------------------ control
@@ -126,45 +125,36 @@ class Actor:
             case Ack(lease_ids=ids):
                 for lease_id in ids:
                     self.outbox.pop(lease_id, None)
-            case JoinGroup():
-                self._join(msg)
-            case WeightHeader():
-                self._receive_weights(msg)
+            case JoinGroup() | WeightHeader():
+                self.receiver.submit(msg)
             case Bye(reason=reason):
                 self.stopping = reason or "learner said bye"
             case _:
                 logger.warning("unexpected control message %s", type(msg).__name__)
 
-    def _join(self, msg: JoinGroup) -> None:
-        if self.group is not None:
-            self.group.close()
-        if self.store is None:
-            self.store = connect_store(msg.store_host, msg.store_port, self.store_timeout_s)
-        self.group = SyncGroup(
-            self.store,
-            epoch=msg.epoch,
-            rank=msg.rank,
-            world_size=msg.world_size,
-            backend=msg.backend,
-            timeout_s=self.store_timeout_s,
-        )
-
-    def _receive_weights(self, header: WeightHeader) -> None:
-        if self.group is None or header.epoch != self.group.epoch:
-            logger.warning("weight header for epoch %d but this actor is not in it; ignored", header.epoch)
+    def _maybe_swap_weights(self) -> None:
+        """Between two decode steps: swap in a version the receiver finished staging."""
+        ready = self.receiver.poll()
+        if ready is None:
             return
-        broadcast.check_compatible(header, self.params)
-        seconds = broadcast.receive(header, self.params, torch.device(self.device))
+        header, receive_s = ready
+        start = time.perf_counter()
+        self.receiver.swap()
         self.engine.set_version(header.version)
+        pause_s = time.perf_counter() - start
         self.has_weights = True
-        logger.debug("weights v%d received in %.3f s", header.version, seconds)
+        self.client.send(SyncDone(self.actor_id, header.version, receive_s, pause_s))
+        logger.debug(
+            "weights v%d: received in %.3f s, generation paused %.4f s", header.version, receive_s, pause_s
+        )
 
     def _maybe_request_leases(self) -> None:
         if self.request_out or time.monotonic() < self.next_request_at:
             return
         g = self.cfg.rollout.group_size
         if self.sync:
-            if self.engine.has_work() or self.outbox or self.pending:
+            # Generation waits while the learner trains and until its new weights are in.
+            if self.engine.has_work() or self.outbox or self.pending or self.receiver.busy:
                 return
             n = self.engine.max_num_seqs // g
         else:
@@ -203,9 +193,9 @@ class Actor:
         self.groups_sent += 1
 
     def close(self) -> None:
+        if not self.receiver.close():
+            logger.warning("the weight receiver is still inside a collective; leaving it behind")
         self.engine.close()
-        if self.group is not None:
-            self.group.close()
 
 
 def score_group(
@@ -278,19 +268,29 @@ def run_actor(
         torch.set_num_threads(num_threads)
     client = ActorClient(resolve_learner(learner), actor_id, high_water_mark=1000, max_message_mb=64)
     actor = None
+    connected = ""
     try:
-        registered = register(client, timeout_s=5.0, give_up_s=give_up_s)
-        client.connect_trajectory(registered.trajectory_endpoint)
-        logger.info("actor %s registered (learner at v%d)", actor_id, registered.version)
-        actor = Actor(
-            client,
-            registered,
-            device=device,
-            store_timeout_s=float(registered.config["weight_sync"]["timeout_s"]),
-        )
-        reason = actor.run()
-        logger.info("actor %s stopping: %s (%d groups sent)", actor_id, reason, actor.groups_sent)
-        return reason
+        while True:
+            registered = register(client, timeout_s=5.0, give_up_s=give_up_s)
+            if registered.trajectory_endpoint != connected:
+                client.connect_trajectory(registered.trajectory_endpoint)
+                connected = registered.trajectory_endpoint
+            logger.info("actor %s registered (learner at v%d)", actor_id, registered.version)
+            actor = Actor(
+                client,
+                registered,
+                device=device,
+                store_timeout_s=float(registered.config["weight_sync"]["timeout_s"]),
+            )
+            reason = actor.run()
+            logger.info("actor %s stopping: %s (%d groups sent)", actor_id, reason, actor.groups_sent)
+            if not reason.startswith(EVICTED):
+                return reason
+            # Evicted (it missed a weight-sync deadline, e.g. it was stopped): its leases went
+            # to other actors. Start clean and join the fleet again.
+            logger.warning("actor %s was evicted by the learner; registering again", actor_id)
+            actor.close()
+            actor = None
     finally:
         if actor is not None:
             with contextlib.suppress(Exception):  # the learner may already be gone

@@ -147,7 +147,9 @@ def _follow(run_dir: Path, procs: dict[str, subprocess.Popen[bytes]], cfg: Confi
 
     shown = 0
     learner_proc = procs["learner"]
+    log = _LogRelay(run_dir / "learner.out")
     while True:
+        log.relay()
         rows = read_metrics(run_dir / "metrics.jsonl")
         for row in rows[shown:]:
             print(_progress_line(row, cfg.trainer.max_steps), flush=True)
@@ -170,6 +172,29 @@ def _follow(run_dir: Path, procs: dict[str, subprocess.Popen[bytes]], cfg: Confi
         _print_tail(run_dir / "learner.out")
         return 1
     return 0
+
+
+class _LogRelay:
+    """Shows the learner's warm-start progress and its warnings and errors while they happen
+    (metrics.jsonl starts only with RL step 0)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+        self.partial = b""
+
+    def relay(self) -> None:
+        if not self.path.exists():
+            return
+        with self.path.open("rb") as f:
+            f.seek(self.offset)
+            data = self.partial + f.read()
+            self.offset = f.tell()
+        *lines, self.partial = data.split(b"\n")
+        for raw in lines:
+            line = raw.decode(errors="replace")
+            if " learners.warmstart: " in line or " W " in line[:12] or " E " in line[:12]:
+                print(f"learner | {line}", flush=True)
 
 
 def _progress_line(row: dict[str, Any], max_steps: int) -> str:

@@ -139,10 +139,27 @@ class Heartbeat:
 
 @dataclass
 class Bye:
-    """Either direction: the sender is going away (learner: actors should exit)."""
+    """Either direction: the sender is going away (learner: actors should exit). A reason
+    starting with ``EVICTED`` means the learner dropped this actor from the fleet (it missed
+    a weight-sync deadline): the actor should register again rather than exit."""
 
     actor_id: str
     reason: str
+
+
+EVICTED = "evicted"
+
+
+@dataclass
+class SyncDone:
+    """Actor -> learner: weights ``version`` are in the engine. ``receive_s`` is the time
+    the broadcast took on this actor (generation went on meanwhile), ``pause_s`` the time
+    generation stood still to swap them in."""
+
+    actor_id: str
+    version: int
+    receive_s: float
+    pause_s: float
 
 
 @dataclass
@@ -218,6 +235,7 @@ Message = (
     | Ack
     | Heartbeat
     | Bye
+    | SyncDone
     | JoinGroup
     | WeightHeader
     | TrajectoryGroup
@@ -233,6 +251,7 @@ _KINDS: dict[type, str] = {
     Ack: "ack",
     Heartbeat: "heartbeat",
     Bye: "bye",
+    SyncDone: "sync_done",
     JoinGroup: "join_group",
     WeightHeader: "weight_header",
     TrajectoryGroup: "trajectory",
@@ -504,6 +523,11 @@ def decode(data: bytes) -> Message:
             )
         case "bye":
             return Bye(_get(d, "actor_id", str), _get(d, "reason", str))
+        case "sync_done":
+            receive_s, pause_s = _float(d, "receive_s"), _float(d, "pause_s")
+            if not (0 <= receive_s < 1e6 and 0 <= pause_s < 1e6):
+                raise SchemaError("sync_done: receive_s and pause_s must be in [0, 1e6)")
+            return SyncDone(_get(d, "actor_id", str), _int(d, "version"), receive_s, pause_s)
         case _:
             raise SchemaError(f"unknown message kind {_show(kind)}")
 

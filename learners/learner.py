@@ -29,6 +29,7 @@ from async_rl.coordinator import Coordinator, Outcome
 from async_rl.data import PromptSource, build_datasets
 from async_rl.metrics import MetricsWriter
 from async_rl.schema import (
+    EVICTED,
     SCHEMA_VERSION,
     Ack,
     Bye,
@@ -41,6 +42,7 @@ from async_rl.schema import (
     Registered,
     Rejected,
     SchemaError,
+    SyncDone,
     TrajectoryGroup,
     Wait,
     check_group,
@@ -55,12 +57,15 @@ from learners.trainer import StepParams, make_batch, train_step
 from learners.warmstart import warm_start_from_config
 from weight_sync import broadcast
 from weight_sync.group import SyncGroup, host_store
+from weight_sync.group import form as form_group
 
 logger = logging.getLogger(__name__)
 
 # How long an actor told to wait should wait before asking again: short, so a freed
 # slot is refilled within a few decode steps.
 _RETRY_AFTER_S = 0.02
+# Weight broadcasts tried (evicting whoever failed in between) before the learner gives up.
+_SYNC_ATTEMPTS = 5
 
 
 @dataclass
@@ -129,6 +134,10 @@ class Learner:
         self.epoch = -1
         self.group: SyncGroup | None = None
         self.members: list[str] = []
+        self.membership_dirty = False  # an actor (re-)registered: re-form at the next sync
+        self.sync_pending: dict[str, tuple[int, float]] = {}  # member -> (version, sent at), un-acked
+        self.sync_reports: list[SyncDone] = []  # since the last metrics line
+        self.evicted = 0
         self.actors: dict[str, float] = {}  # registered actor id -> last heard from (monotonic)
         self.buffer: queue.Queue[_Accepted] = queue.Queue()
         self.outgoing: queue.Queue[tuple[str, Message]] = queue.Queue()
@@ -147,7 +156,7 @@ class Learner:
         self._service.start()
         if tr.warmup_sft_steps:
             self._warm_start()
-        self._form_group()
+        self._wait_for_actors(self.cfg.rollout.num_actors)
         sync_s = self._publish()
         start = time.monotonic()
         last = {"time": start, "tokens": self.gen_tokens, "filtered": 0}
@@ -177,57 +186,123 @@ class Learner:
         if result.accuracy is not None:
             self.warm_start_metrics["warmup/train_accuracy"] = result.accuracy
 
-    def _form_group(self) -> None:
-        """Wait for the expected actors, then form the weight-sync group with them."""
-        expected = self.cfg.rollout.num_actors
+    # ------------------------------------------------------------------ fleet membership
+
+    def _wait_for_actors(self, minimum: int) -> None:
+        """Block until at least ``minimum`` actors are registered (deadline: idle_timeout_s)."""
         deadline = time.monotonic() + self.cfg.trainer.idle_timeout_s
         next_log = 0.0
-        while len(self.actors) < expected:
+        while len(self.actors) < minimum:
             if self.stop.is_set():
                 raise KeyboardInterrupt
             if time.monotonic() > deadline:
                 raise TimeoutError(
-                    f"only {len(self.actors)} of rollout.num_actors={expected} actors registered within "
+                    f"only {len(self.actors)} of {minimum} actors registered within "
                     f"trainer.idle_timeout_s={self.cfg.trainer.idle_timeout_s:.0f} s; start them with "
                     f"`async-rl actor learner={self.run_dir / 'endpoints.json'}`"
                 )
             if time.monotonic() >= next_log:
-                logger.info("waiting for actors: %d of %d registered", len(self.actors), expected)
+                logger.info("waiting for actors: %d of %d registered", len(self.actors), minimum)
                 next_log = time.monotonic() + 10
             time.sleep(0.05)
-        self.epoch += 1
-        self.members = sorted(self.actors)
-        backend = _backend(self.cfg.weight_sync.backend, self.device)
-        for rank, actor_id in enumerate(self.members, start=1):
-            msg = JoinGroup(
-                self.epoch,
-                rank,
-                len(self.members) + 1,
-                self.endpoints.store_host,
-                self.endpoints.store_port,
-                backend,
+
+    def _ensure_group(self, minimum: int = 1) -> None:
+        """(Re-)form the weight-sync group when the fleet changed, as a new epoch. An actor
+        that does not join within weight_sync.timeout_s is evicted and the group re-formed
+        without it, so one missing actor never holds up the others."""
+        while self.group is None or self.membership_dirty or set(self.actors) != set(self.members):
+            self._wait_for_actors(minimum)
+            if self.group is not None:
+                self.group.close()
+                self.group = None
+            self.epoch += 1
+            self.membership_dirty = False
+            members = sorted(self.actors)
+            backend = _backend(self.cfg.weight_sync.backend, self.device)
+            store = (self.endpoints.store_host, self.endpoints.store_port)
+            for rank, actor_id in enumerate(members, start=1):
+                msg = JoinGroup(self.epoch, rank, len(members) + 1, *store, backend)
+                self.outgoing.put((actor_id, msg))
+            group, missing = form_group(
+                self.store,
+                epoch=self.epoch,
+                world_size=len(members) + 1,
+                backend=backend,
+                timeout_s=self.cfg.weight_sync.timeout_s,
+                stop=self.stop,
             )
-            self.outgoing.put((actor_id, msg))
-        self.group = SyncGroup(
-            self.store,
-            epoch=self.epoch,
-            rank=0,
-            world_size=len(self.members) + 1,
-            backend=backend,
-            timeout_s=self.cfg.weight_sync.timeout_s,
+            if self.stop.is_set():
+                raise KeyboardInterrupt
+            for rank in missing:
+                self._evict(members[rank - 1], f"did not join weight-sync epoch {self.epoch} in time")
+            if group is not None:
+                self.group, self.members = group, members
+                self.sync_pending.clear()
+                logger.info("weight-sync epoch %d: %d actors %s", self.epoch, len(members), members)
+
+    def _evict(self, actor_id: str, reason: str) -> None:
+        """Drop ``actor_id`` from the fleet: its leases are re-issued, and it is told why (it
+        registers again if it is still alive)."""
+        self.actors.pop(actor_id, None)
+        self.sync_pending.pop(actor_id, None)
+        reissued = self.coordinator.release(actor_id)
+        self.evicted += 1
+        self.outgoing.put((actor_id, Bye(actor_id, f"{EVICTED}: {reason}")))
+        logger.warning(
+            "evicted actor %s: %s (weight_sync.timeout_s=%.0f); %d leases re-issued",
+            actor_id,
+            reason,
+            self.cfg.weight_sync.timeout_s,
+            reissued,
         )
+
+    def _evict_unresponsive(self) -> None:
+        """Evict members that did not finish a weight sync, or said nothing, for timeout_s."""
+        now, limit = time.monotonic(), self.cfg.weight_sync.timeout_s
+        for actor_id in list(self.members):
+            pending = self.sync_pending.get(actor_id)
+            heard = self.actors.get(actor_id)
+            if pending is not None and now - pending[1] > limit:
+                self._evict(actor_id, f"did not finish the weight sync of v{pending[0]} in time")
+            elif heard is not None and now - heard > limit:
+                self._evict(actor_id, f"silent for {now - heard:.0f} s")
+
+    def _after_failed_sync(self, failed_at: float) -> None:
+        """A broadcast failed (a member died or hung). Live actors keep sending heartbeats from
+        their main loop whatever their receiver thread is doing: evict the members that did
+        not within two heartbeat periods, then the next attempt re-forms the group."""
+        if self.group is not None:
+            self.group.close()
+            self.group = None
+        until = failed_at + 2 * self.cfg.transport.heartbeat_s + 0.5
+        while time.monotonic() < until and not self.stop.is_set():
+            time.sleep(0.05)
+        for actor_id in list(self.members):
+            if self.actors.get(actor_id, 0.0) < failed_at:
+                self._evict(actor_id, "stopped answering during a weight sync")
 
     def _publish(self) -> float:
         """Broadcast the current weights to every member; open admission for this version."""
         params = dict(self.model.named_parameters())
-        header = broadcast.plan(
-            params, version=self.version, epoch=self.epoch, bucket_mb=self.cfg.weight_sync.bucket_mb
-        )
-        for actor_id in self.members:
-            self.outgoing.put((actor_id, header))
-        seconds = broadcast.send(params, header, self.device)
-        self.coordinator.set_version(self.version)
-        return seconds
+        self._evict_unresponsive()
+        for _ in range(_SYNC_ATTEMPTS):
+            self._ensure_group()
+            header = broadcast.plan(
+                params, version=self.version, epoch=self.epoch, bucket_mb=self.cfg.weight_sync.bucket_mb
+            )
+            sent_at = time.monotonic()
+            for actor_id in self.members:
+                self.outgoing.put((actor_id, header))
+                self.sync_pending.setdefault(actor_id, (self.version, sent_at))
+            try:
+                seconds = broadcast.send(params, header, self.device)
+            except RuntimeError as err:  # torch.distributed errors (timeouts, closed peers)
+                logger.warning("weight broadcast of v%d failed: %s", self.version, str(err).splitlines()[0])
+                self._after_failed_sync(sent_at)
+                continue
+            self.coordinator.set_version(self.version)
+            return seconds
+        raise RuntimeError(f"the weight broadcast failed {_SYNC_ATTEMPTS} times in a row; see the log")
 
     def _next_batch(self) -> list[_Accepted] | None:
         """The next ``batch_groups`` accepted groups in arrival order, sorted by draw for a
@@ -302,7 +377,16 @@ class Learner:
             "throughput/train_tokens_per_s": metrics.get("train/tokens", 0.0) / elapsed,
             "rollout/filtered_groups": counts["filtered"] - last["filtered"],
             "transport/malformed": self.server.malformed + self.rejected,
+            "fleet/actors": len(self.members),
+            "fleet/epoch": self.epoch,
+            "fleet/evicted": self.evicted,
         } | {f"leases/{k}": v for k, v in counts.items()}
+        reports, self.sync_reports = self.sync_reports, []
+        if reports:
+            # Per sync, as the actors saw it: the broadcast ran while they generated; only
+            # the swap stopped generation.
+            row["time/gen_pause_s"] = max(r.pause_s for r in reports)
+            row["time/weight_receive_s"] = max(r.receive_s for r in reports)
         for key in (
             "reward/mean",
             "rollout/staleness_mean",
@@ -374,6 +458,11 @@ class Learner:
                         actor_id, Rejected(f"schema {msg.schema_version}, learner speaks {SCHEMA_VERSION}")
                     )
                     return
+                if actor_id in self.actors or actor_id in self.members:
+                    # A new incarnation (restarted, or back after eviction): whatever the old
+                    # one held is re-issued, and it must join the group afresh.
+                    self.coordinator.release(actor_id)
+                self.membership_dirty = True
                 self.actors[actor_id] = time.monotonic()
                 logger.info("actor %s registered (pid %d on %s)", actor_id[:64], msg.pid, msg.hostname[:64])
                 self.server.send(
@@ -390,6 +479,12 @@ class Learner:
             case Heartbeat() if actor_id in self.actors:
                 self.actors[actor_id] = time.monotonic()
                 self.coordinator.renew(actor_id)
+            case SyncDone() if actor_id in self.actors:
+                self.actors[actor_id] = time.monotonic()
+                pending = self.sync_pending.get(actor_id)
+                if pending is not None and msg.version >= pending[0]:
+                    self.sync_pending.pop(actor_id, None)
+                self.sync_reports.append(msg)
             case Bye():
                 self.actors.pop(actor_id, None)
                 if n := self.coordinator.release(actor_id):

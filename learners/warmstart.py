@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 # Training prompts the stopping check evaluates on, and how often.
 _CHECK_PROMPTS = 200
 _CHECK_EVERY = 100
+_GRAD_CLIP = 1.0
 
 
 @dataclass
@@ -79,6 +80,8 @@ def warm_start(
         loss = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        # Without clipping, a late loss spike can undo the warm start (seen at lr 3e-3).
+        torch.nn.utils.clip_grad_norm_(model.parameters(), _GRAD_CLIP)
         optimizer.step()
         loss_value = float(loss.detach())
         step += 1

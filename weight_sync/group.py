@@ -3,12 +3,24 @@
 The learner hosts a ``TCPStore`` (the rendezvous store) and is rank 0 of every group.
 Each group has an ``epoch``; its keys live under the prefix ``epoch<N>/`` so a re-formed
 group never reads a stale key. Every call has a deadline (``timeout_s``).
+
+Formation is two-phase, so that one missing member can never hang the others inside
+``init_process_group`` (which cannot be interrupted):
+
+1. every actor told to join (``JoinGroup``) sets ``join/<epoch>/ready/<rank>`` and waits
+   for ``join/<epoch>/go``;
+2. the learner (``form``) waits until every rank is ready or the deadline passes. If all
+   are ready it sets ``go`` and everybody initialises the group; otherwise it sets
+   ``abort``, names the missing ranks, and the caller evicts them and tries a new epoch.
+   Actors that see ``abort`` give up this epoch at once (``join`` raises ``GroupAborted``).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from datetime import timedelta
+from typing import Any
 
 import torch.distributed as dist
 
@@ -58,3 +70,56 @@ class SyncGroup:
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+class GroupAborted(RuntimeError):
+    """The learner gave up forming this epoch (a member did not show up in time)."""
+
+
+_POLL_S = 0.02
+
+
+def _key(epoch: int, what: str) -> str:
+    return f"join/{epoch}/{what}"
+
+
+def form(
+    store: dist.Store, *, epoch: int, world_size: int, backend: str, timeout_s: float, stop: Any = None
+) -> tuple[SyncGroup | None, list[int]]:
+    """Learner side: wait for ranks ``1..world_size-1`` to be ready, then form the group.
+
+    Returns ``(group, [])``, or ``(None, missing_ranks)`` after setting ``abort`` when some
+    rank was not ready within ``timeout_s`` (or ``stop`` -- a ``threading.Event`` -- was set).
+    """
+    deadline = time.monotonic() + timeout_s
+    waiting = set(range(1, world_size))
+    while waiting and time.monotonic() < deadline and not (stop is not None and stop.is_set()):
+        waiting = {r for r in waiting if not store.check([_key(epoch, f"ready/{r}")])}
+        if waiting:
+            time.sleep(_POLL_S)
+    if waiting:
+        store.set(_key(epoch, "go"), "abort")
+        return None, sorted(waiting)
+    store.set(_key(epoch, "go"), "go")
+    return SyncGroup(
+        store, epoch=epoch, rank=0, world_size=world_size, backend=backend, timeout_s=timeout_s
+    ), []
+
+
+def join(
+    store: dist.Store, *, epoch: int, rank: int, world_size: int, backend: str, timeout_s: float
+) -> SyncGroup:
+    """Actor side of ``form``: announce readiness, wait for the learner's decision, join."""
+    store.set(_key(epoch, f"ready/{rank}"), "1")
+    deadline = time.monotonic() + timeout_s
+    while not store.check([_key(epoch, "go")]):
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"weight-sync epoch {epoch}: no decision from the learner within {timeout_s:.0f} s"
+            )
+        time.sleep(_POLL_S)
+    if store.get(_key(epoch, "go")) != b"go":
+        raise GroupAborted(f"weight-sync epoch {epoch} was abandoned by the learner")
+    return SyncGroup(
+        store, epoch=epoch, rank=rank, world_size=world_size, backend=backend, timeout_s=timeout_s
+    )

@@ -44,6 +44,7 @@ from async_rl.schema import (
     Rejected,
     Response,
     SchemaError,
+    SyncDone,
     TrajectoryGroup,
     Wait,
     WeightHeader,
@@ -122,6 +123,7 @@ _messages: st.SearchStrategy[Message] = st.one_of(
     st.builds(Ack, st.lists(st.integers(0, 2**64 - 1), max_size=4)),
     st.builds(Heartbeat, _text, _id, _id),
     st.builds(Bye, _text, _text),
+    st.builds(SyncDone, _text, _id, st.floats(0, 1e5), st.floats(0, 1e5)),
     st.builds(
         JoinGroup, _id, st.integers(1, 1 << 20), st.integers(2, 1 << 20), _text, st.integers(1, 65535), _text
     ),
