@@ -160,7 +160,7 @@ class Actor:
         else:
             n = min(self.engine.free_slots() // g, self.cfg.rollout.prompts_per_request)
         if n >= 1:
-            self.client.send(LeaseRequest(self.actor_id, n))
+            self.client.send(LeaseRequest(self.actor_id, n, self.engine.version))
             self.request_out = True
 
     def _maybe_heartbeat(self) -> None:

@@ -38,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, text in (
         ("train", "run the learner and rollout.num_actors actors as processes, showing progress"),
         ("learner", "run the learner alone; it writes endpoints.json and waits for actors"),
+        ("launch", "run the learner and rollout.num_actors actors as Ray actors on a Ray cluster"),
     ):
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. rollout.max_staleness=2")
@@ -139,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
                 from async_rl.launcher import learner
 
                 return learner(args.overrides)
+            case "launch":
+                from async_rl.ray_launcher import launch
+
+                return launch(args.overrides)
             case "critic":
                 return _critic(args.options)
             case "actor":

@@ -291,6 +291,34 @@ class AlgorithmConfig:
 
 
 @dataclass
+class RayConfig:
+    """``async-rl launch``: where the roles run on a Ray cluster."""
+
+    # Ray cluster to join: "auto" (the cluster this machine is part of), HOST:6379 or
+    # ray://HOST:10001. Empty: start a local Ray instance for this run and stop it afterwards.
+    address: str = ""
+    # Local instance only: logical CPUs (0 = what the roles reserve, rounded up).
+    num_cpus: int = 0
+    # Reservations per role, in Ray logical units: a scheduling share, not a thread count
+    # (threads: trainer.num_threads, rollout.num_threads). GPUs > 0 put the role on CUDA.
+    learner_num_cpus: float = 1.0
+    learner_num_gpus: float = 0.0
+    actor_num_cpus: float = 0.5
+    actor_num_gpus: float = 0.0
+    # Restarts of a dead actor process (-1 = unlimited). The learner is never restarted.
+    max_restarts: int = 3
+    # Deadline for placing a role and for the learner's endpoints.json (s).
+    start_timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        for name in ("learner_num_cpus", "learner_num_gpus", "actor_num_cpus", "actor_num_gpus"):
+            _check(getattr(self, name) >= 0, f"ray.{name}: must be >= 0")
+        _check(self.num_cpus >= 0, "ray.num_cpus: must be >= 0")
+        _check(self.max_restarts >= -1, "ray.max_restarts: must be >= -1 (-1 = unlimited)")
+        _check(self.start_timeout_s > 0, "ray.start_timeout_s: must be > 0")
+
+
+@dataclass
 class LearnerConfig:
     # Write every trained group to a trajectory store (the training data of `async-rl critic`).
     save_trajectories: bool = False
@@ -300,7 +328,8 @@ class LearnerConfig:
 
 @dataclass
 class TransportConfig:
-    # Interface the learner binds to (127.0.0.1 for one machine, 0.0.0.0 for a cluster).
+    # Address the learner binds to and tells actors to connect to: 127.0.0.1 for one
+    # machine, an address of the learner's machine that the actors can reach for a cluster.
     host: str = "127.0.0.1"
     # Ports (0 = pick a free one; the choice is written to endpoints.json).
     control_port: int = 0
@@ -343,6 +372,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
     transport: TransportConfig = field(default_factory=TransportConfig)
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
 

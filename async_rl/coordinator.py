@@ -18,6 +18,7 @@ under a new lease id with the same ``seq``, so it is sampled the same way again)
 
 from __future__ import annotations
 
+import collections
 import enum
 import threading
 import time
@@ -70,16 +71,21 @@ class Coordinator:
 
     # ------------------------------------------------------------------ admission
 
-    def capacity(self) -> int:
-        """How many more leases admission control allows right now."""
-        limit = (self.version + self._max_staleness + 1) * self._batch_groups
+    def capacity(self, engine_version: int | None = None) -> int:
+        """How many more leases admission control allows right now, for an actor whose
+        engine holds ``engine_version`` (None: the current version). A lease admitted under
+        version ``c`` is trained by step ``c + max_staleness``; its tokens are sampled by the
+        engine's version or a later one, so counting from the older of the two keeps every
+        trained group within the bound."""
+        version = self.version if engine_version is None else min(self.version, engine_version)
+        limit = (version + self._max_staleness + 1) * self._batch_groups
         return max(0, limit - self.counts["accepted"] - len(self._active))
 
-    def grant(self, actor_id: str, n: int) -> list[Lease]:
+    def grant(self, actor_id: str, n: int, engine_version: int | None = None) -> list[Lease]:
         """Up to ``n`` leases for ``actor_id``; empty when admission control says wait."""
         with self._lock:
             self._expire_locked()
-            take = min(n, self.capacity())
+            take = min(n, self.capacity(engine_version))
             draws: list[tuple[int, Prompt]] = []
             while self._reissue and len(draws) < take:
                 draws.append(self._reissue.popleft())
@@ -164,6 +170,10 @@ class Coordinator:
     @property
     def in_flight(self) -> int:
         return len(self._active)
+
+    def in_flight_by_actor(self) -> dict[str, int]:
+        with self._lock:
+            return dict(collections.Counter(a.actor_id for a in self._active.values()))
 
     def state_dict(self) -> dict[str, Any]:
         """Checkpointable state. Leases in flight are saved as prompts to re-issue."""

@@ -152,7 +152,7 @@ def _follow(run_dir: Path, procs: dict[str, subprocess.Popen[bytes]], cfg: Confi
         log.relay()
         rows = read_metrics(run_dir / "metrics.jsonl")
         for row in rows[shown:]:
-            print(_progress_line(row, cfg.trainer.max_steps), flush=True)
+            print(progress_line(row, cfg.trainer.max_steps), flush=True)
         shown = len(rows)
         if learner_proc.poll() is not None:
             break
@@ -164,12 +164,12 @@ def _follow(run_dir: Path, procs: dict[str, subprocess.Popen[bytes]], cfg: Confi
                 return 1
         time.sleep(0.25)
     for row in read_metrics(run_dir / "metrics.jsonl")[shown:]:
-        print(_progress_line(row, cfg.trainer.max_steps), flush=True)
+        print(progress_line(row, cfg.trainer.max_steps), flush=True)
     if learner_proc.returncode != 0:
         print(
             f"learner exited with code {learner_proc.returncode}; see {run_dir / 'learner.out'}", flush=True
         )
-        _print_tail(run_dir / "learner.out")
+        print_tail(run_dir / "learner.out")
         return 1
     return 0
 
@@ -197,7 +197,7 @@ class _LogRelay:
                 print(f"learner | {line}", flush=True)
 
 
-def _progress_line(row: dict[str, Any], max_steps: int) -> str:
+def progress_line(row: dict[str, Any], max_steps: int) -> str:
     parts = [f"step {row['step']:>4}/{max_steps}", f"{row.get('time_s', 0):7.1f}s"]
     if "reward/mean" in row:
         parts.append(f"reward {row['reward/mean']:.3f}")
@@ -211,7 +211,7 @@ def _progress_line(row: dict[str, Any], max_steps: int) -> str:
     return "  ".join(parts)
 
 
-def _print_tail(path: Path, lines: int = 20) -> None:
+def print_tail(path: Path, lines: int = 20) -> None:
     if path.exists():
         for line in path.read_text(errors="replace").splitlines()[-lines:]:
             print(f"  | {line}", flush=True)

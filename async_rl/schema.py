@@ -23,7 +23,7 @@ import msgpack
 import numpy as np
 
 # Bumped on any incompatible change; a peer with another version is refused at register.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Hard caps on what one message may declare, before any array is materialised.
 MAX_TOKENS_PER_SEQUENCE = 1 << 20  # 1M tokens: far above any context length in use
@@ -91,10 +91,13 @@ class Rejected:
 
 @dataclass
 class LeaseRequest:
-    """Actor -> learner: ask for up to ``n`` prompts."""
+    """Actor -> learner: ask for up to ``n`` prompts. ``engine_version`` is the policy version
+    the actor's engine holds now: admission control counts from it, so an actor that has not
+    swapped in the newest weights yet cannot take leases that would end up too stale."""
 
     actor_id: str
     n: int
+    engine_version: int = 0
 
 
 @dataclass
@@ -502,7 +505,9 @@ def decode(data: bytes) -> Message:
         case "rejected":
             return Rejected(_get(d, "reason", str))
         case "lease_request":
-            return LeaseRequest(_get(d, "actor_id", str), _int(d, "n", 1, MAX_LEASES_PER_MESSAGE))
+            return LeaseRequest(
+                _get(d, "actor_id", str), _int(d, "n", 1, MAX_LEASES_PER_MESSAGE), _int(d, "engine_version")
+            )
         case "wait":
             return Wait(_float(d, "retry_after_s"), _get(d, "reason", str))
         case "ack":

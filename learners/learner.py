@@ -14,6 +14,7 @@ service thread drains, so exactly one thread ever touches a socket.
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
@@ -66,6 +67,10 @@ logger = logging.getLogger(__name__)
 _RETRY_AFTER_S = 0.02
 # Weight broadcasts tried (evicting whoever failed in between) before the learner gives up.
 _SYNC_ATTEMPTS = 5
+
+
+class _Stopped(Exception):
+    """The learner was asked to stop while waiting (for actors or a group)."""
 
 
 @dataclass
@@ -135,13 +140,15 @@ class Learner:
         self.group: SyncGroup | None = None
         self.members: list[str] = []
         self.membership_dirty = False  # an actor (re-)registered: re-form at the next sync
+        self.registered: set[str] = set()  # registered, engine still loading (no heartbeat yet)
         self.sync_pending: dict[str, tuple[int, float]] = {}  # member -> (version, sent at), un-acked
         self.sync_reports: list[SyncDone] = []  # since the last metrics line
         self.evicted = 0
         self.actors: dict[str, float] = {}  # registered actor id -> last heard from (monotonic)
         self.buffer: queue.Queue[_Accepted] = queue.Queue()
         self.outgoing: queue.Queue[tuple[str, Message]] = queue.Queue()
-        self.stop = threading.Event()
+        self.stop = threading.Event()  # set by a signal: finish the step in hand and save
+        self._closing = threading.Event()  # set by close(): the service thread exits
         self.gen_tokens = 0  # generated tokens received, filtered groups included
         self.filtered = 0
         self.rejected = 0
@@ -156,6 +163,14 @@ class Learner:
         self._service.start()
         if tr.warmup_sft_steps:
             self._warm_start()
+        try:
+            self._train_loop()
+        except _Stopped:
+            logger.info("stopped at v%d", self.version)
+        self.save()
+
+    def _train_loop(self) -> None:
+        tr = self.cfg.trainer
         self._wait_for_actors(self.cfg.rollout.num_actors)
         sync_s = self._publish()
         start = time.monotonic()
@@ -177,7 +192,6 @@ class Learner:
             if tr.checkpoint_every and self.version % tr.checkpoint_every == 0:
                 self.save()
             self._log_step(self.version, metrics, start, last)
-        self.save()
 
     def _warm_start(self) -> None:
         result = warm_start_from_config(self.model, self.tokenizer, self.train_prompts, self.cfg)
@@ -194,7 +208,7 @@ class Learner:
         next_log = 0.0
         while len(self.actors) < minimum:
             if self.stop.is_set():
-                raise KeyboardInterrupt
+                raise _Stopped
             if time.monotonic() > deadline:
                 raise TimeoutError(
                     f"only {len(self.actors)} of {minimum} actors registered within "
@@ -232,7 +246,7 @@ class Learner:
                 stop=self.stop,
             )
             if self.stop.is_set():
-                raise KeyboardInterrupt
+                raise _Stopped
             for rank in missing:
                 self._evict(members[rank - 1], f"did not join weight-sync epoch {self.epoch} in time")
             if group is not None:
@@ -345,6 +359,7 @@ class Learner:
             "rollout/truncated_frac": float(batch.truncated.float().mean()),
             "rollout/trained_leases": [a.group.lease_id for a in accepted],
             "rollout/trained_staleness": staleness,
+            "rollout/groups_by_actor": dict(collections.Counter(g.actor_id for g in groups)),
         }
         if self.trajectories is not None:
             self.trajectories.write(
@@ -380,6 +395,8 @@ class Learner:
             "fleet/actors": len(self.members),
             "fleet/epoch": self.epoch,
             "fleet/evicted": self.evicted,
+            "leases/in_flight": self.coordinator.in_flight,
+            "leases/in_flight_by_actor": self.coordinator.in_flight_by_actor(),
         } | {f"leases/{k}": v for k, v in counts.items()}
         reports, self.sync_reports = self.sync_reports, []
         if reports:
@@ -387,6 +404,7 @@ class Learner:
             # the swap stopped generation.
             row["time/gen_pause_s"] = max(r.pause_s for r in reports)
             row["time/weight_receive_s"] = max(r.receive_s for r in reports)
+            row["time/gen_pause_frac_max"] = max(r.pause_s / max(r.receive_s, 1e-9) for r in reports)
         for key in (
             "reward/mean",
             "rollout/staleness_mean",
@@ -414,12 +432,13 @@ class Learner:
 
     def close(self) -> None:
         """Tell every actor to stop, flush, and release sockets, group and store."""
-        for actor_id in list(self.actors):
+        for actor_id in [*self.actors, *self.registered]:
             self.outgoing.put((actor_id, Bye("learner", "training finished")))
         deadline = time.monotonic() + 2.0
         while not self.outgoing.empty() and time.monotonic() < deadline and self._service.is_alive():
             time.sleep(0.02)
         self.stop.set()
+        self._closing.set()
         if self._service.is_alive():
             self._service.join(timeout=5.0)
         if self.group is not None:
@@ -433,7 +452,9 @@ class Learner:
 
     def _serve(self) -> None:
         next_expire = 0.0
-        while not self.stop.is_set():
+        # Runs until close(), not until stop: a stopping main thread may still be finishing a
+        # weight sync whose header this thread must deliver.
+        while not self._closing.is_set():
             control, trajectories = self.server.poll(0.01)
             for actor_id, msg in control:
                 self._on_control(actor_id, msg)
@@ -458,12 +479,14 @@ class Learner:
                         actor_id, Rejected(f"schema {msg.schema_version}, learner speaks {SCHEMA_VERSION}")
                     )
                     return
-                if actor_id in self.actors or actor_id in self.members:
+                if self.actors.pop(actor_id, None) is not None or actor_id in self.members:
                     # A new incarnation (restarted, or back after eviction): whatever the old
                     # one held is re-issued, and it must join the group afresh.
                     self.coordinator.release(actor_id)
-                self.membership_dirty = True
-                self.actors[actor_id] = time.monotonic()
+                    self.membership_dirty = True
+                # It joins the fleet with its first heartbeat, once its engine is loaded, so a
+                # slow start never counts against the weight-sync deadline.
+                self.registered.add(actor_id)
                 logger.info("actor %s registered (pid %d on %s)", actor_id[:64], msg.pid, msg.hostname[:64])
                 self.server.send(
                     actor_id,
@@ -473,10 +496,16 @@ class Learner:
                 )
             case LeaseRequest(n=n) if actor_id in self.actors:
                 self.actors[actor_id] = time.monotonic()
-                leases = self.coordinator.grant(actor_id, n)
+                leases = self.coordinator.grant(actor_id, n, msg.engine_version)
                 reply: Message = LeaseGrant(leases) if leases else Wait(_RETRY_AFTER_S, "admission control")
                 self.server.send(actor_id, reply)
-            case Heartbeat() if actor_id in self.actors:
+            case Heartbeat():
+                if actor_id in self.registered:
+                    self.registered.discard(actor_id)
+                    self.actors[actor_id] = time.monotonic()
+                    logger.info("actor %s is ready (%d in the fleet)", actor_id[:64], len(self.actors))
+                elif actor_id not in self.actors:
+                    return  # an evicted actor that has not heard its Bye yet
                 self.actors[actor_id] = time.monotonic()
                 self.coordinator.renew(actor_id)
             case SyncDone() if actor_id in self.actors:
@@ -486,6 +515,7 @@ class Learner:
                     self.sync_pending.pop(actor_id, None)
                 self.sync_reports.append(msg)
             case Bye():
+                self.registered.discard(actor_id)
                 self.actors.pop(actor_id, None)
                 if n := self.coordinator.release(actor_id):
                     logger.info("actor %s left; %d of its leases re-issued", actor_id, n)

@@ -181,7 +181,7 @@ def train_step(
         # With one mini-batch the proximal policy is the current one, before the step: the
         # forward pass we just did gives it exactly, so no second pass is needed.
         prox = logprobs.detach() if proximal is None else proximal[rows]
-        kl, tokens = _mismatch_kl_sum(batch, rows, prox, version)
+        kl, tokens = mismatch_kl_sum(batch, rows, prox, version)
         kl_sum, kl_tokens = kl_sum + kl, kl_tokens + tokens
         loss, metrics = policy_loss(
             logprobs,
@@ -211,7 +211,7 @@ def train_step(
     return out
 
 
-def _mismatch_kl_sum(batch: Batch, rows: slice, proximal: torch.Tensor, version: int) -> tuple[float, int]:
+def mismatch_kl_sum(batch: Batch, rows: slice, proximal: torch.Tensor, version: int) -> tuple[float, int]:
     """Sum and count of the k3 estimate of KL(engine || learner) over tokens sampled by the
     learner's own version: the numerical mismatch between inference and training, with no
     staleness in it."""

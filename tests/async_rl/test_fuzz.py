@@ -373,7 +373,8 @@ def _array32(n: int) -> bytes:
     return b"\xdd" + struct.pack(">I", n)
 
 
-_ACK_HEAD = b"\x83\xa1v\x01\xa1k\xa3ack\xa9lease_ids"  # {"v": 1, "k": "ack", "lease_ids": ...}
+# {"v": SCHEMA_VERSION, "k": "ack", "lease_ids": ...}
+_ACK_HEAD = b"\x83\xa1v" + bytes([SCHEMA_VERSION]) + b"\xa1k\xa3ack\xa9lease_ids"
 
 
 def test_huge_declared_lengths_are_rejected_before_allocating() -> None:
@@ -398,7 +399,7 @@ def test_many_small_containers_hit_the_budget(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_peer_values_in_errors_are_shortened() -> None:
-    huge_kind = msgpack.packb({"v": 1, "k": ["x" * 1000] * 10_000})
+    huge_kind = msgpack.packb({"v": SCHEMA_VERSION, "k": ["x" * 1000] * 10_000})
     with pytest.raises(SchemaError, match="unknown message kind") as err:
         decode(huge_kind)
     assert len(str(err.value)) < 200

@@ -134,6 +134,18 @@ def test_admission_bound_by_hand() -> None:
     assert len(c.grant("a", 100)) == 4
 
 
+def test_admission_counts_from_an_actor_engine_that_lags_behind() -> None:
+    # The learner published v2, but this actor's engine still holds v1 (it swaps the new
+    # weights in at its next decode step): a lease admitted for it must be trainable by step
+    # 1 + s, not 2 + s, or its first tokens would be s + 1 versions stale.
+    c = _coordinator(staleness=1)
+    c.set_version(2)
+    # (min(2, 1) + 1 + 1) * 4 = 12 for the lagging engine, (2 + 1 + 1) * 4 = 16 for a current one.
+    assert len(c.grant("slow", 100, engine_version=1)) == 12
+    assert c.grant("slow", 1, engine_version=1) == []
+    assert len(c.grant("fast", 100, engine_version=2)) == 4
+
+
 def test_sync_mode_admits_exactly_one_batch() -> None:
     c = _coordinator(staleness=0)
     assert len(c.grant("a", 100)) == 4
