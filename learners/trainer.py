@@ -212,10 +212,15 @@ def train_step(
 
 
 def mismatch_kl_sum(batch: Batch, rows: slice, proximal: torch.Tensor, version: int) -> tuple[float, int]:
-    """Sum and count of the k3 estimate of KL(engine || learner) over tokens sampled by the
-    learner's own version: the numerical mismatch between inference and training, with no
-    staleness in it."""
-    same = batch.mask[rows] & (batch.versions[rows] == version)
+    """Sum and count of the k3 estimate of KL(engine || learner) over responses sampled
+    entirely by the learner's own version: the numerical mismatch between inference and
+    training, with no staleness in it. (A response that spans an update was continued on a
+    KV cache the old weights wrote, with resume_kv=keep, so even its new-version tokens
+    differ from a fresh forward pass; that is policy lag, which the importance weight
+    corrects, not numerical mismatch.)"""
+    mask, versions = batch.mask[rows], batch.versions[rows]
+    whole = (versions.masked_fill(~mask, version) == version).all(dim=1, keepdim=True)
+    same = mask & whole
     log_ratio = (proximal - batch.behavior_logprobs[rows]).masked_fill(~same, 0.0)
     k3 = log_ratio.exp() - 1 - log_ratio
     return float(k3.sum()), int(same.sum())
