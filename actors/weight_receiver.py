@@ -38,6 +38,7 @@ class WeightReceiver:
         self.group: SyncGroup | None = None
         self._store: Any = None
         self._staging: dict[str, torch.Tensor] | None = None
+        self._buffers = broadcast.Buffers()
         self._commands: queue.Queue[JoinGroup | WeightHeader] = queue.Queue()
         self._ready: queue.Queue[tuple[WeightHeader, float]] = queue.Queue()
         self._slot_free = threading.Event()
@@ -143,7 +144,7 @@ class WeightReceiver:
         try:
             broadcast.check_compatible(header, self._staging)
             self._slot_free.clear()
-            seconds = broadcast.receive(header, self._staging, self.device)
+            seconds = broadcast.receive(header, self._staging, self.device, self._buffers)
         except (RuntimeError, ValueError) as err:
             # A timed-out or broken collective: this epoch is over. The learner re-forms the
             # group (or evicts this actor) and sends a new JoinGroup.

@@ -227,6 +227,10 @@ def recv_exact(conn: socket.socket, view: memoryview) -> None:
         got += n
 
 
+# As in the learner and the actors, one set of bucket buffers per process, reused by every sync.
+_BUFFERS = broadcast.Buffers()
+
+
 def transfer(peer: Peer, method: Method, model: Model, headers: dict[int, WeightHeader]) -> float:
     """One timed transfer on every rank; returns (on all ranks) the seconds until the last
     receiver held the whole model. Raises if any receiver's bytes are wrong."""
@@ -238,9 +242,9 @@ def transfer(peer: Peer, method: Method, model: Model, headers: dict[int, Weight
         case Kind.BUCKETED:
             header = headers[method.bucket_mb]
             if peer.rank == 0:
-                broadcast.send(model.params, header, CPU)
+                broadcast.send(model.params, header, CPU, _BUFFERS)
             else:
-                broadcast.receive(header, model.params, CPU)
+                broadcast.receive(header, model.params, CPU, _BUFFERS)
         case Kind.FLAT:
             dist.broadcast(model.flat, src=0)
         case Kind.TCP:

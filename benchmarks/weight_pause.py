@@ -49,12 +49,13 @@ def _sender(port: int, mb: int, syncs: int, bucket_mb: int, out: mp.Queue) -> No
     group, missing = form(store, epoch=0, world_size=2, backend="gloo", timeout_s=120.0)
     assert group is not None, missing
     times = []
+    buffers = broadcast.Buffers()
     for version in range(1, syncs + 1):
         for t in params.values():
             t.fill_(float(version))
         header = broadcast.plan(params, version=version, epoch=0, bucket_mb=bucket_mb)
         out.put(("header", header))
-        times.append(broadcast.send(params, header, torch.device("cpu")))
+        times.append(broadcast.send(params, header, torch.device("cpu"), buffers))
     out.put(("send_s", times))
     group.close()
     time.sleep(1.0)

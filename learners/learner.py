@@ -144,6 +144,7 @@ class Learner:
         self.sync_pending: dict[str, tuple[int, float]] = {}  # member -> (version, sent at), un-acked
         self.sync_reports: list[SyncDone] = []  # since the last metrics line
         self.evicted = 0
+        self.sync_buffers = broadcast.Buffers()  # reused by every weight broadcast
         self.actors: dict[str, float] = {}  # registered actor id -> last heard from (monotonic)
         self.buffer: queue.Queue[_Accepted] = queue.Queue()
         self.outgoing: queue.Queue[tuple[str, Message]] = queue.Queue()
@@ -309,7 +310,7 @@ class Learner:
                 self.outgoing.put((actor_id, header))
                 self.sync_pending.setdefault(actor_id, (self.version, sent_at))
             try:
-                seconds = broadcast.send(params, header, self.device)
+                seconds = broadcast.send(params, header, self.device, self.sync_buffers)
             except RuntimeError as err:  # torch.distributed errors (timeouts, closed peers)
                 logger.warning("weight broadcast of v%d failed: %s", self.version, str(err).splitlines()[0])
                 self._after_failed_sync(sent_at)

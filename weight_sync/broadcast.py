@@ -54,13 +54,50 @@ def plan(params: Mapping[str, torch.Tensor], *, version: int, epoch: int, bucket
     )
 
 
-def send(params: Mapping[str, torch.Tensor], header: WeightHeader, device: torch.device) -> float:
+class Buffers:
+    """Flat bucket buffers kept from one sync to the next, one per (dtype, device).
+
+    A fresh 64 MB tensor per bucket is mapped, page-faulted and zeroed by the kernel every
+    time; reusing one buffer (sized to the largest bucket) costs nothing after the first sync.
+    Each side of the protocol owns one ``Buffers`` for the life of its process.
+    """
+
+    def __init__(self) -> None:
+        self._flat: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+    def get(self, dtype: torch.dtype, numel: int, device: torch.device) -> torch.Tensor:
+        key = (dtype, device)
+        buf = self._flat.get(key)
+        if buf is None or buf.numel() < numel:
+            buf = torch.empty(numel, dtype=dtype, device=device)
+            self._flat[key] = buf
+        return buf[:numel]
+
+
+def _direct(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor | None:
+    """A bucket of one contiguous tensor already on ``device`` travels as itself."""
+    if len(tensors) == 1 and tensors[0].is_contiguous() and tensors[0].device == device:
+        return tensors[0]
+    return None
+
+
+def send(
+    params: Mapping[str, torch.Tensor],
+    header: WeightHeader,
+    device: torch.device,
+    buffers: Buffers | None = None,
+) -> float:
     """Rank 0: broadcast every bucket. Returns the seconds spent."""
     start = time.perf_counter()
+    buffers = buffers or Buffers()
     tensors = list(params.values())
     with torch.no_grad():
-        for _, _, first, last in header.buckets:
-            flat = torch.cat([t.detach().reshape(-1) for t in tensors[first:last]]).to(device)
+        for _, numel, first, last in header.buckets:
+            members = [t.detach() for t in tensors[first:last]]
+            flat = _direct(members, device)
+            if flat is None:
+                flat = buffers.get(members[0].dtype, numel, device)
+                torch.cat([t.reshape(-1).to(device) for t in members], out=flat)
             dist.broadcast(flat, src=0)
     return time.perf_counter() - start
 
@@ -77,19 +114,30 @@ def check_compatible(header: WeightHeader, params: Mapping[str, torch.Tensor]) -
             )
 
 
-def receive(header: WeightHeader, params: Mapping[str, torch.Tensor], device: torch.device) -> float:
+def receive(
+    header: WeightHeader,
+    params: Mapping[str, torch.Tensor],
+    device: torch.device,
+    buffers: Buffers | None = None,
+) -> float:
     """Ranks > 0: receive every bucket and copy it into ``params`` in place.
 
     Returns the seconds spent. ``params`` must pass ``check_compatible``.
     """
     start = time.perf_counter()
+    buffers = buffers or Buffers()
     tensors = list(params.values())
     with torch.no_grad():
         for dtype, numel, first, last in header.buckets:
-            flat = torch.empty(numel, dtype=_DTYPES[dtype], device=device)
+            members = tensors[first:last]
+            direct = _direct(members, device) if members[0].dtype == _DTYPES[dtype] else None
+            if direct is not None:
+                dist.broadcast(direct, src=0)  # straight into the parameter
+                continue
+            flat = buffers.get(_DTYPES[dtype], numel, device)
             dist.broadcast(flat, src=0)
             offset = 0
-            for t in tensors[first:last]:
+            for t in members:
                 t.copy_(flat[offset : offset + t.numel()].view_as(t))
                 offset += t.numel()
     return time.perf_counter() - start
