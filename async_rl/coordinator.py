@@ -67,7 +67,15 @@ class Coordinator:
         self._reissue: deque[tuple[int, Prompt]] = deque()  # (seq, prompt) of expired leases
         self._next_lease_id = 0
         self.version = 0  # the policy version all actors hold
-        self.counts = {"granted": 0, "accepted": 0, "filtered": 0, "reissued": 0, "duplicates": 0, "late": 0}
+        self.counts = {
+            "granted": 0,
+            "accepted": 0,
+            "filtered": 0,
+            "reissued": 0,
+            "duplicates": 0,
+            "late": 0,
+            "stale": 0,
+        }
 
     # ------------------------------------------------------------------ admission
 
@@ -126,6 +134,21 @@ class Coordinator:
         with self._lock:
             active = self._active.get(lease_id)
             return active.lease.seq if active else None
+
+    def lease_of(self, lease_id: int) -> Lease | None:
+        """The active lease ``lease_id`` (None if not active)."""
+        with self._lock:
+            active = self._active.get(lease_id)
+            return active.lease if active else None
+
+    def requeue_stale(self, lease: Lease) -> None:
+        """An accepted group of ``lease`` would be trained beyond max_staleness (a long
+        response outlived newer leases): it is not trained, and its prompt is leased again.
+        It no longer counts as accepted, so admission makes room for the replacement."""
+        with self._lock:
+            self.counts["accepted"] -= 1
+            self.counts["stale"] += 1
+            self._reissue.append((lease.seq, Prompt(lease.prompt_id, lease.question, lease.answer)))
 
     def renew(self, actor_id: str) -> None:
         """An actor is alive (heartbeat): push its leases' deadlines out."""

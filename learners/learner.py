@@ -36,6 +36,7 @@ from async_rl.schema import (
     Bye,
     Heartbeat,
     JoinGroup,
+    Lease,
     LeaseGrant,
     LeaseRequest,
     Message,
@@ -75,8 +76,12 @@ class _Stopped(Exception):
 
 @dataclass
 class _Accepted:
-    seq: int
+    lease: Lease
     group: TrajectoryGroup
+
+    @property
+    def seq(self) -> int:
+        return self.lease.seq
 
 
 class Learner:
@@ -144,6 +149,8 @@ class Learner:
         self.sync_pending: dict[str, tuple[int, float]] = {}  # member -> (version, sent at), un-acked
         self.sync_reports: list[SyncDone] = []  # since the last metrics line
         self.evicted = 0
+        self.held: list[_Accepted] = []  # accepted groups taken from the buffer, not trained yet
+        self.stale_dropped = 0
         self.sync_buffers = broadcast.Buffers()  # reused by every weight broadcast
         self.actors: dict[str, float] = {}  # registered actor id -> last heard from (monotonic)
         self.buffer: queue.Queue[_Accepted] = queue.Queue()
@@ -320,22 +327,39 @@ class Learner:
         raise RuntimeError(f"the weight broadcast failed {_SYNC_ATTEMPTS} times in a row; see the log")
 
     def _next_batch(self) -> list[_Accepted] | None:
-        """The next ``batch_groups`` accepted groups in arrival order, sorted by draw for a
-        batch layout that does not depend on timing. None if stopped."""
-        batch: list[_Accepted] = []
+        """The next ``batch_groups`` accepted groups, oldest policy first, sorted by draw for a
+        batch layout that does not depend on timing. None if stopped.
+
+        Admission control bounds staleness in grant order, but groups arrive in completion
+        order: a long response leased early can arrive after newer ones have been trained. A
+        group that would be trained more than max_staleness versions after its oldest token
+        is not trained; its prompt is leased again (``leases/stale``)."""
+        b, bound = self.cfg.trainer.batch_groups, self.cfg.rollout.max_staleness
         deadline = time.monotonic() + self.cfg.trainer.idle_timeout_s
-        while len(batch) < self.cfg.trainer.batch_groups:
+        while True:
             if self.stop.is_set():
                 return None
+            fresh = []
+            for held in self.held:
+                if self.version - held.group.min_version > bound:
+                    self.coordinator.requeue_stale(held.lease)
+                    self.stale_dropped += 1
+                else:
+                    fresh.append(held)
+            self.held = fresh
+            if len(self.held) >= b:
+                break
             try:
-                batch.append(self.buffer.get(timeout=0.1))
+                self.held.append(self.buffer.get(timeout=0.1))
                 deadline = time.monotonic() + self.cfg.trainer.idle_timeout_s
             except queue.Empty:
                 if time.monotonic() > deadline:
                     raise TimeoutError(
                         f"no trajectory for trainer.idle_timeout_s={self.cfg.trainer.idle_timeout_s:.0f} s "
-                        f"({len(batch)} of {self.cfg.trainer.batch_groups} groups buffered); are the actors alive?"
+                        f"({len(self.held)} of {b} groups buffered); are the actors alive?"
                     ) from None
+        self.held.sort(key=lambda a: (a.group.min_version, a.seq))
+        batch, self.held = self.held[:b], self.held[b:]
         return sorted(batch, key=lambda a: a.seq)
 
     def _train(self, accepted: list[_Accepted]) -> dict[str, Any]:
@@ -559,13 +583,13 @@ class Learner:
         rewards = [r.reward for r in msg.responses]
         # Dynamic sampling: a group whose rewards are all equal has zero advantage everywhere.
         informative = not self.filter_groups or max(rewards) > min(rewards)
-        seq = self.coordinator.lease_sequence(msg.lease_id)
+        lease = self.coordinator.lease_of(msg.lease_id)
         outcome = self.coordinator.finish(msg.lease_id, accepted=informative)
         if outcome in (Outcome.ACCEPTED, Outcome.FILTERED):
             self.gen_tokens += sum(r.length for r in msg.responses)
         if outcome is Outcome.ACCEPTED:
-            assert seq is not None
-            self.buffer.put(_Accepted(seq, msg))
+            assert lease is not None
+            self.buffer.put(_Accepted(lease, msg))
         self.server.send(msg.actor_id, Ack([msg.lease_id]))
 
 

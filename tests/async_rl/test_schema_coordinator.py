@@ -164,7 +164,15 @@ def test_duplicates_and_expiry_end_each_lease_once() -> None:
     assert again[0].lease_id != first[1].lease_id
     assert c.finish(first[1].lease_id, accepted=True) is Outcome.LATE
     assert c.finish(999, accepted=True) is Outcome.UNKNOWN
-    assert c.counts == {"granted": 3, "accepted": 1, "filtered": 0, "reissued": 1, "duplicates": 1, "late": 1}
+    assert c.counts == {
+        "granted": 3,
+        "accepted": 1,
+        "filtered": 0,
+        "reissued": 1,
+        "duplicates": 1,
+        "late": 1,
+        "stale": 0,
+    }
 
 
 def test_release_reissues_a_departed_actors_leases() -> None:
@@ -174,3 +182,16 @@ def test_release_reissues_a_departed_actors_leases() -> None:
     assert c.release("a") == 3
     assert c.in_flight == 2
     assert [lease.seq for lease in c.grant("b", 3)] == [0, 1, 2]
+
+
+def test_a_stale_accepted_group_frees_its_slot_and_its_prompt_is_leased_again() -> None:
+    c = _coordinator(staleness=0)
+    first = c.grant("a", 100)  # (0 + 0 + 1) * 4 = 4 leases
+    assert len(first) == 4
+    assert c.finish(first[0].lease_id, accepted=True) is Outcome.ACCEPTED
+    c.requeue_stale(first[0])
+    assert c.counts["accepted"] == 0 and c.counts["stale"] == 1
+    # The slot is free again, and the replacement is the same prompt at the same position.
+    (again,) = c.grant("a", 100)
+    assert (again.seq, again.prompt_id) == (first[0].seq, first[0].prompt_id)
+    assert again.lease_id != first[0].lease_id

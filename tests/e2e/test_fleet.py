@@ -119,10 +119,10 @@ def _check_accounting(rows: list[dict]) -> None:
     leases = [lease for r in rows for lease in r["rollout/trained_leases"]]
     assert len(leases) == len(set(leases)) == 4 * len(rows)
     assert max(s for r in rows for s in r["rollout/trained_staleness"]) <= 1
-    # Every granted lease ended exactly once (trained, filtered or re-issued) or is in flight:
-    # nothing lost.
+    # Every granted lease ended exactly once (accepted, filtered, re-issued, or too stale to
+    # train and leased again) or is in flight: nothing lost.
     last = rows[-1]
-    ended = last["leases/accepted"] + last["leases/filtered"] + last["leases/reissued"]
+    ended = last["leases/accepted"] + last["leases/filtered"] + last["leases/reissued"] + last["leases/stale"]
     assert ended + last["leases/in_flight"] == last["leases/granted"]
     assert last["leases/duplicates"] == 0
 
