@@ -39,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
         ("train", "run the learner and rollout.num_actors actors as processes, showing progress"),
         ("learner", "run the learner alone; it writes endpoints.json and waits for actors"),
         ("launch", "run the learner and rollout.num_actors actors as Ray actors on a Ray cluster"),
+        ("bench", "run one workload in sync mode, then async mode; write bench.json/md/png"),
     ):
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. rollout.max_staleness=2")
@@ -146,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
                 return launch(args.overrides)
             case "critic":
                 return _critic(args.options)
+            case "bench":
+                from async_rl.bench import bench
+
+                return bench(args.overrides)
             case "actor":
                 opts = _actor_options(args.options)
                 setup_logging(opts.get("log_level", "INFO"))
