@@ -282,6 +282,8 @@ class Learner:
         """Evict members that did not finish a weight sync, or said nothing, for timeout_s."""
         now, limit = time.monotonic(), self.cfg.weight_sync.timeout_s
         for actor_id in list(self.members):
+            if actor_id in self.registered:
+                continue  # a new incarnation registered: its predecessor already left the fleet
             pending = self.sync_pending.get(actor_id)
             heard = self.actors.get(actor_id)
             if pending is not None and now - pending[1] > limit:
@@ -300,6 +302,8 @@ class Learner:
         while time.monotonic() < until and not self.stop.is_set():
             time.sleep(0.05)
         for actor_id in list(self.members):
+            if actor_id in self.registered:
+                continue  # a new incarnation registered: its predecessor already left the fleet
             if self.actors.get(actor_id, 0.0) < failed_at:
                 self._evict(actor_id, "stopped answering during a weight sync")
 

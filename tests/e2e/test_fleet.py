@@ -27,8 +27,8 @@ _SMALL = [
     "trainer.eval_every=0",
     "data.eval_size=16",
     # Long responses (the untrained model rarely stops an answer) and one prompt at a time per
-    # actor make generation the bottleneck: an actor is always in the middle of a lease.
-    "rollout.max_new_tokens=64",
+    # actor make generation the bottleneck: an actor is nearly always in the middle of a lease.
+    "rollout.max_new_tokens=128",
     "rollout.max_num_seqs=8",
     "rollout.max_staleness=1",
     "transport.heartbeat_s=0.5",
@@ -67,7 +67,9 @@ class _Fleet:
         path = self.run_dir / "learner.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
-    def wait(self, what: str, condition: Callable[[], bool], timeout_s: float = 90.0) -> float:
+    def wait(
+        self, what: str, condition: Callable[[], bool], timeout_s: float = 90.0, poll_s: float = 0.05
+    ) -> float:
         deadline = time.monotonic() + timeout_s
         while not condition():
             learner = self.procs["learner"]
@@ -77,7 +79,7 @@ class _Fleet:
                 )
             if time.monotonic() > deadline:
                 pytest.fail(f"timed out waiting for {what}:\n{self.log()[-3000:]}")
-            time.sleep(0.05)
+            time.sleep(poll_s)
         return time.monotonic()
 
     def stop_all(self) -> None:
@@ -131,7 +133,14 @@ def test_sigkill_an_actor_then_a_third_joins(fleet: _Fleet) -> None:
     fleet.start_actor("a0")
     victim = fleet.start_actor("a1")
     fleet.wait("5 steps with 2 actors", lambda: len(fleet.steps()) >= 5)
-    os.kill(victim.pid, signal.SIGKILL)  # mid-generation: generation is the bottleneck here
+    # Kill it mid-generation: right after the learner reported it holding a lease (a lease
+    # takes 128 decode steps, far longer than the gap between the report and the kill).
+    fleet.wait(
+        "a1 holding a lease",
+        lambda: fleet.steps()[-1]["leases/in_flight_by_actor"].get("a1", 0) >= 1,
+        poll_s=0.01,
+    )
+    os.kill(victim.pid, signal.SIGKILL)
     killed_at_step = len(fleet.steps())
     fleet.wait("the eviction of a1", lambda: "evicted actor a1" in fleet.log())
     # The learner keeps stepping on the survivor.
