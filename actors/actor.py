@@ -77,7 +77,12 @@ class Actor:
             eos_token_id=self.tokenizer.eos_token_id,
             pad_token_id=self.tokenizer.pad_token_id,
         )
-        self.receiver = WeightReceiver(self.engine.parameters(), device=device, timeout_s=store_timeout_s)
+        self.receiver = WeightReceiver(
+            self.engine.parameters(),
+            device=device,
+            timeout_s=store_timeout_s,
+            rebind=getattr(self.engine, "weights_rebindable", False),
+        )
         self.has_weights = False
         self.pending: dict[int, _Pending] = {}
         self.outbox: dict[int, TrajectoryGroup] = {}

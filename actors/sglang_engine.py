@@ -28,8 +28,8 @@ torch's ``_new_process_group_helper``; ``_relay_group`` builds rank 0 the same w
 match). Then ``begin_weight_update``, one ``update_weights_from_distributed(names, dtypes,
 shapes, load_format="flattened_bucket")`` per bucket beside rank 0's broadcast of its bytes, and
 ``end_weight_update``. SGLang cannot join the learner's group itself: the actor already holds
-rank ``r`` there (``Actor._join``), that group's store keys (``epoch<N>/`` + torch's default-group
-prefix) are not the helper's (``<name><name>/``), and a TP engine needs ``tp_size`` ranks.
+rank ``r`` there (``Actor._join``), that group's store keys (``epoch<N>/``) are not the
+helper's (``<name><name>/``), and a TP engine needs ``tp_size`` ranks.
 
 Differences from the torch engine: sampling is SGLang's (no counter-based keys, so sync mode is
 not bitwise reproducible); the logprob is ``log_softmax(logits / T)`` of the sampled token,
@@ -316,8 +316,8 @@ def parameter_layout(model_path: str, dtype: torch.dtype) -> dict[str, torch.Ten
 def _relay_group(store: dist.Store, name: str, world_size: int, backend: str, timeout_s: float) -> Any:
     """Rank 0 of the relay group, built the way SGLang builds ranks 1.. (see the module doc).
 
-    torch's public ``new_group`` would need every rank of this process's default group (the
-    learner's) to take part, so this uses the private helper SGLang itself uses.
+    torch's public ``new_group`` would need a default group that every rank belongs to, so this
+    uses the private helper SGLang itself uses.
     """
     from torch.distributed import distributed_c10d as c10d
 
@@ -395,7 +395,7 @@ class WeightRelay:
     def _alive(self) -> bool:
         from torch.distributed import distributed_c10d as c10d
 
-        # Re-forming the learner's group destroys every group of this process, this one too.
+        # A relay group destroyed behind our back (destroy_process_group) is rebuilt.
         return self._group is not None and self._group in c10d._world.pg_map
 
     def connect(self, sglang: SGLangBackend) -> None:

@@ -298,8 +298,12 @@ class TorchEngine:
 
     # ------------------------------------------------------------------ weights
 
+    # Every forward reads the modules' parameters afresh (no compiled graphs, no fused copies),
+    # so the weight receiver may swap new weights in by rebinding ``.data``.
+    weights_rebindable = True
+
     def parameters(self) -> dict[str, torch.Tensor]:
-        """The engine's parameters by name, for the weight receiver to copy into."""
+        """The engine's parameters by name, for the weight receiver to fill or rebind."""
         return dict(self.model.named_parameters())
 
     def set_version(self, version: int) -> None:

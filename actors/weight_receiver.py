@@ -3,8 +3,12 @@
 Generation never waits for the network. The receiver thread joins each weight-sync epoch
 (``weight_sync.group.join``) and receives every broadcast into a staging copy of the
 engine's parameters while the main thread keeps decoding. When a version is complete the
-main thread swaps it in between two decode steps (``swap``: one copy per parameter), so
-the generation pause is the cost of a copy, not of the broadcast.
+main thread swaps it in between two decode steps (``swap``), so the generation pause is at
+most the cost of a copy, not of the broadcast. An engine whose parameters may be rebound
+(``rebind``: the torch engine) pays not even that: its parameters and the staging are two flat
+buffers (``broadcast.flat_like``), and a swap exchanges them by reference, so the pause does
+not grow with the model. Otherwise (SGLang's relay staging) the swap copies, parameter by
+parameter. Either way the staging is flat, so every bucket is received in place.
 
 Every torch.distributed call of the actor happens on this thread, so the default process
 group is never used from two threads. Every wait has a deadline: collectives carry the
@@ -31,8 +35,16 @@ _POLL_S = 0.05
 
 
 class WeightReceiver:
-    def __init__(self, params: dict[str, torch.Tensor], *, device: str, timeout_s: float) -> None:
+    def __init__(
+        self, params: dict[str, torch.Tensor], *, device: str, timeout_s: float, rebind: bool = False
+    ) -> None:
         self.params = params
+        self.rebind = rebind
+        if rebind:  # the engine's own weights become one flat buffer too: the swap's other half
+            with torch.no_grad():
+                for name, view in broadcast.flat_like(params).items():
+                    view.copy_(params[name])
+                    params[name].data = view
         self.device = torch.device(device)
         self.timeout_s = timeout_s
         self.group: SyncGroup | None = None
@@ -71,12 +83,18 @@ class WeightReceiver:
             return None
 
     def swap(self) -> float:
-        """Copy the staged weights into the engine's parameters. Returns the seconds spent."""
+        """Put the staged weights into the engine's parameters: by reference with ``rebind``
+        (the engine's old tensors become the next staging), else by copy. Returns the seconds."""
         assert self._staging is not None
         start = time.perf_counter()
         with torch.no_grad():
             for name, target in self.params.items():
-                target.copy_(self._staging[name])
+                staged = self._staging[name]
+                if self.rebind:
+                    self._staging[name] = target.data
+                    target.data = staged
+                else:
+                    target.copy_(staged)
         self._done_with_one()
         self._slot_free.set()
         return time.perf_counter() - start
@@ -140,11 +158,11 @@ class WeightReceiver:
             if self._closed.is_set():
                 return
         if self._staging is None:
-            self._staging = {name: torch.empty_like(t) for name, t in self.params.items()}
+            self._staging = broadcast.flat_like(self.params)
         try:
             broadcast.check_compatible(header, self._staging)
             self._slot_free.clear()
-            seconds = broadcast.receive(header, self._staging, self.device, self._buffers)
+            seconds = broadcast.receive(self.group, header, self._staging, self.device, self._buffers)
         except (RuntimeError, ValueError) as err:
             # A timed-out or broken collective: this epoch is over. The learner re-forms the
             # group (or evicts this actor) and sends a new JoinGroup.

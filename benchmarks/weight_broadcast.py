@@ -13,8 +13,14 @@ parameters are views of ONE contiguous storage, so (b) and (c) move exactly the 
 in place, and a process holds one copy of the model. Methods, on the same group and bytes:
 
 * bucketed B MiB  (a) ``weight_sync.broadcast.plan/send/receive`` on a real ``SyncGroup``
-                  (gloo); ``send`` concatenates each bucket, ``receive`` copies each slice out.
-* flat            (b) one ``dist.broadcast`` of the whole contiguous storage: the baseline.
+                  (gloo), the tensors in storage order: every bucket is one contiguous span and
+                  travels in place. This is the learner's case (``flatten_parameters_``) and the
+                  actor's staging (``flat_like``).
+* ..., packed     (a') the same, with the tensors taken in REVERSE order: no multi-tensor bucket
+                  is one span, so ``send`` packs each into a buffer and ``receive`` copies each
+                  out, overlapped with the transfer of the next bucket (two buffers). The case
+                  of parameters that are separate allocations (an unflattened model).
+* flat            (b) one broadcast of the whole contiguous storage on the same group: the baseline.
 * tcp             (c) raw sockets, the sender writing to every receiver IN PARALLEL (one thread per
                   receiver, ``sendall`` of a memoryview of the storage), each receiver
                   ``recv_into`` the storage: what loopback TCP does with no framework.
@@ -118,6 +124,7 @@ class Model:
             self.params[name] = self.flat[offset : offset + numel].view(shape)
             offset += numel
         self.nbytes = self.flat.numel() * 4
+        self.reversed_params = dict(reversed(self.params.items()))
 
     def fill(self) -> None:
         for i, t in enumerate(self.params.values()):
@@ -166,6 +173,7 @@ def estimate_peak_bytes(size_mb: int, receivers: int, bucket_mbs: list[int]) -> 
 
 class Kind(enum.Enum):
     BUCKETED = "bucketed"
+    PACKED = "packed"
     FLAT = "flat"
     TCP = "tcp"
 
@@ -173,13 +181,15 @@ class Kind(enum.Enum):
 @dataclass(frozen=True)
 class Method:
     kind: Kind
-    bucket_mb: int = 0  # BUCKETED only
+    bucket_mb: int = 0  # BUCKETED and PACKED only
 
     @property
     def label(self) -> str:
         if self.kind is Kind.BUCKETED:
             default = " (default)" if self.bucket_mb == DEFAULT_BUCKET_MB else ""
             return f"bucketed {self.bucket_mb} MiB{default}"
+        if self.kind is Kind.PACKED:
+            return f"bucketed {self.bucket_mb} MiB, packed"
         return "tcp (parallel)" if self.kind is Kind.TCP else "flat broadcast"
 
 
@@ -197,6 +207,7 @@ class Peer:
     world_size: int
     conns: list[socket.socket]  # sender: one per receiver, in rank order; receiver: its one
     timeout_s: float
+    group: SyncGroup
 
 
 def send_tcp(conns: list[socket.socket], data: memoryview, timeout_s: float) -> None:
@@ -231,22 +242,23 @@ def recv_exact(conn: socket.socket, view: memoryview) -> None:
 _BUFFERS = broadcast.Buffers()
 
 
-def transfer(peer: Peer, method: Method, model: Model, headers: dict[int, WeightHeader]) -> float:
+def transfer(peer: Peer, method: Method, model: Model, headers: dict[Method, WeightHeader]) -> float:
     """One timed transfer on every rank; returns (on all ranks) the seconds until the last
     receiver held the whole model. Raises if any receiver's bytes are wrong."""
     if peer.rank > 0:
         model.poison()
-    dist.barrier()
+    peer.group.barrier()
     start = now()
     match method.kind:
-        case Kind.BUCKETED:
-            header = headers[method.bucket_mb]
+        case Kind.BUCKETED | Kind.PACKED:
+            header = headers[method]
+            params = model.params if method.kind is Kind.BUCKETED else model.reversed_params
             if peer.rank == 0:
-                broadcast.send(model.params, header, CPU, _BUFFERS)
+                broadcast.send(peer.group, params, header, CPU, _BUFFERS)
             else:
-                broadcast.receive(header, model.params, CPU, _BUFFERS)
+                broadcast.receive(peer.group, header, params, CPU, _BUFFERS)
         case Kind.FLAT:
-            dist.broadcast(model.flat, src=0)
+            peer.group.broadcast(model.flat)
         case Kind.TCP:
             if peer.rank == 0:
                 send_tcp(peer.conns, model.byte_view(), peer.timeout_s)
@@ -255,8 +267,7 @@ def transfer(peer: Peer, method: Method, model: Model, headers: dict[int, Weight
     end = now()
     ok = peer.rank == 0 or model.holds_expected()
     report = torch.tensor([start, end, float(ok)], dtype=torch.float64)
-    reports = [torch.empty_like(report) for _ in range(peer.world_size)]
-    dist.all_gather(reports, report)
+    reports = peer.group.all_gather(report)
     bad = [r for r, rep in enumerate(reports) if rep[2].item() != 1.0]
     if bad:
         raise RuntimeError(f"{method.label}: receivers {bad} do not hold the sent weights")
@@ -269,20 +280,20 @@ def measure_size(peer: Peer, size_mb: int, methods: list[Method], warmup: int, r
     model = Model(layout(size_mb * MIB))
     if peer.rank == 0:
         model.fill()
-    headers: dict[int, WeightHeader] = {}
+    headers: dict[Method, WeightHeader] = {}
     for m in methods:
-        if m.kind is Kind.BUCKETED:
-            headers[m.bucket_mb] = broadcast.plan(model.params, version=1, epoch=0, bucket_mb=m.bucket_mb)
-            broadcast.check_compatible(headers[m.bucket_mb], model.params)
+        if m.kind in (Kind.BUCKETED, Kind.PACKED):
+            params = model.params if m.kind is Kind.BUCKETED else model.reversed_params
+            headers[m] = broadcast.plan(params, version=1, epoch=0, bucket_mb=m.bucket_mb)
+            broadcast.check_compatible(headers[m], params)
     seconds: dict[str, list[float]] = {m.label: [] for m in methods}
     for warm, method in rounds(methods, warmup, repeats):
         s = transfer(peer, method, model, headers)
         if not warm:
             seconds[method.label].append(s)
     rss = torch.tensor([peak_rss_mib()], dtype=torch.float64)
-    rss_all = [torch.empty_like(rss) for _ in range(peer.world_size)]
-    dist.all_gather(rss_all, rss)
-    n_buckets = {b: len(h.buckets) for b, h in headers.items()}
+    rss_all = peer.group.all_gather(rss)
+    n_buckets = {m.bucket_mb: len(h.buckets) for m, h in headers.items() if m.kind is Kind.BUCKETED}
     return {
         "size_mb": size_mb,
         "bytes": model.nbytes,
@@ -313,7 +324,7 @@ def worker(args: argparse.Namespace) -> int:
     try:
         conn = socket.create_connection(("127.0.0.1", args.tcp_port), timeout=args.timeout_s)
         conn.sendall(struct.pack("<I", args.worker_rank))
-        peer = Peer(args.worker_rank, args.world_size, [conn], args.timeout_s)
+        peer = Peer(args.worker_rank, args.world_size, [conn], args.timeout_s, group)
         for size_mb in args.sizes_mb:
             measure_size(peer, size_mb, methods_of(args), args.warmup, args.repeats)
     finally:
@@ -377,7 +388,7 @@ def run_group(args: argparse.Namespace, store: dist.TCPStore, receivers: int, si
             store, epoch=receivers, rank=0, world_size=receivers + 1, backend="gloo", timeout_s=args.timeout_s
         )
         conns = accept_receivers(listener, receivers, args.timeout_s)
-        peer = Peer(0, receivers + 1, conns, args.timeout_s)
+        peer = Peer(0, receivers + 1, conns, args.timeout_s, group)
         for size_mb in sizes_mb:
             print(f"measuring {size_mb} MiB x {receivers} receiver(s) ...", file=sys.stderr, flush=True)
             cells.append(measure_size(peer, size_mb, methods_of(args), args.warmup, args.repeats))
@@ -396,6 +407,7 @@ def run_group(args: argparse.Namespace, store: dist.TCPStore, receivers: int, si
 def methods_of(args: argparse.Namespace) -> list[Method]:
     return [
         *(Method(Kind.BUCKETED, b) for b in args.bucket_mb),
+        Method(Kind.PACKED, DEFAULT_BUCKET_MB),
         Method(Kind.FLAT),
         Method(Kind.TCP),
     ]
@@ -485,13 +497,16 @@ def main(argv: list[str] | None = None) -> int:
 
     print_table(cells, args.repeats)
     print("\ntcp: the sender writes to all receivers in parallel (one thread each).")
-    default = Method(Kind.BUCKETED, DEFAULT_BUCKET_MB).label
-    for c in cells:
-        if c["size_mb"] == 1024 and default in c["methods"]:
-            ratio = c["methods"][default]["vs_flat"]
-            verdict = "meets" if ratio >= TARGET_RATIO else "misses"
-            print(f"1024 MiB, {c['receivers']} receiver(s): {default} / flat = {ratio:.2f} "
-                  f"({verdict} the {TARGET_RATIO} target)")  # fmt: skip
+    for label in (
+        Method(Kind.BUCKETED, DEFAULT_BUCKET_MB).label,
+        Method(Kind.PACKED, DEFAULT_BUCKET_MB).label,
+    ):
+        for c in cells:
+            if c["size_mb"] == 1024 and label in c["methods"]:
+                ratio = c["methods"][label]["vs_flat"]
+                verdict = "meets" if ratio >= TARGET_RATIO else "misses"
+                print(f"1024 MiB, {c['receivers']} receiver(s): {label} / flat = {ratio:.2f} "
+                      f"({verdict} the {TARGET_RATIO} target)")  # fmt: skip
     print(f"load average after: {load_after[0]:.2f} {load_after[1]:.2f}")
     if args.out:
         result = {

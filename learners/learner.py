@@ -98,6 +98,8 @@ class Learner:
 
         model: Any = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, cfg.model.dtype))
         self.model: Any = model.to(self.device).eval()
+        # One flat buffer per dtype: the weight broadcast sends its buckets without packing.
+        broadcast.flatten_parameters_(self.model)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay
         )
@@ -313,6 +315,7 @@ class Learner:
         self._evict_unresponsive()
         for _ in range(_SYNC_ATTEMPTS):
             self._ensure_group()
+            assert self.group is not None  # _ensure_group returns with a group or raises
             header = broadcast.plan(
                 params, version=self.version, epoch=self.epoch, bucket_mb=self.cfg.weight_sync.bucket_mb
             )
@@ -321,7 +324,7 @@ class Learner:
                 self.outgoing.put((actor_id, header))
                 self.sync_pending.setdefault(actor_id, (self.version, sent_at))
             try:
-                seconds = broadcast.send(params, header, self.device, self.sync_buffers)
+                seconds = broadcast.send(self.group, params, header, self.device, self.sync_buffers)
             except RuntimeError as err:  # torch.distributed errors (timeouts, closed peers)
                 logger.warning("weight broadcast of v%d failed: %s", self.version, str(err).splitlines()[0])
                 self._after_failed_sync(sent_at)

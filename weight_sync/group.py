@@ -22,6 +22,7 @@ import time
 from datetime import timedelta
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
@@ -49,7 +50,12 @@ def connect_store(host: str, port: int, timeout_s: float) -> dist.TCPStore:
 
 
 class SyncGroup:
-    """One epoch of the weight-sync group: rank 0 is the learner."""
+    """One epoch of the weight-sync group: rank 0 is the learner.
+
+    The group is a process-group object of its own, not this process's default group, so a
+    learner whose default group is its FSDP world (learners/fsdp.py) can also hold this one,
+    and a new epoch never tears down anything else. Collectives go through ``broadcast``.
+    """
 
     def __init__(
         self, store: dist.Store, *, epoch: int, rank: int, world_size: int, backend: str, timeout_s: float
@@ -59,17 +65,48 @@ class SyncGroup:
         self.world_size = world_size
         self.backend = backend
         prefixed = dist.PrefixStore(f"epoch{epoch}/", store)
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        # The default group of this process; a new epoch replaces it.
-        dist.init_process_group(
-            backend, store=prefixed, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
-        )
+        timeout = timedelta(seconds=timeout_s)
+        self._pg: Any
+        if backend == "nccl":
+            nccl = getattr(dist, "ProcessGroupNCCL", None)
+            if nccl is None:
+                raise RuntimeError("weight_sync.backend=nccl, but this torch build has no NCCL; use gloo")
+            options = nccl.Options()
+            options._timeout = timeout
+            self._pg = nccl(prefixed, rank, world_size, options)
+        elif backend == "gloo":
+            self._pg = dist.ProcessGroupGloo(prefixed, rank, world_size, timeout)
+        else:
+            raise ValueError(f"weight-sync backend {backend!r}: expected 'gloo' or 'nccl'")
         logger.info("weight-sync group epoch %d formed: rank %d of %d (%s)", epoch, rank, world_size, backend)
 
+    def broadcast(self, tensor: torch.Tensor, *, async_op: bool = False) -> Any:
+        """Broadcast ``tensor`` from rank 0, in place. With ``async_op`` returns the work
+        handle (``.wait()`` raises on a timeout or a lost peer); otherwise waits for it."""
+        if self._pg is None:
+            raise RuntimeError(f"weight-sync group epoch {self.epoch} is closed")
+        options = dist.BroadcastOptions()
+        options.rootRank = 0
+        work = self._pg.broadcast([tensor], options)
+        if async_op:
+            return work
+        work.wait()
+        return None
+
+    def barrier(self) -> None:
+        """Every rank arrives (used by benchmarks to start transfers together)."""
+        self._pg.barrier(dist.BarrierOptions()).wait()
+
+    def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's ``tensor``, in rank order (benchmarks collect their reports with it)."""
+        out = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        self._pg.allgather([out], [tensor]).wait()
+        return out
+
     def close(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        pg, self._pg = self._pg, None
+        if pg is not None and self.backend == "nccl":
+            pg.abort()  # frees the communicator now; a broken peer cannot block it
 
 
 class GroupAborted(RuntimeError):

@@ -29,7 +29,13 @@ def test_quick_benchmark_measures_every_method(tmp_path: Path) -> None:
     for cell in result["cells"]:
         assert cell["size_mb"] == 10 and abs(cell["bytes"] - 10 * 2**20) < 2 * 128 * 4
         assert int(cell["buckets"]["1"]) > 1 and cell["buckets"]["64"] == 1
-        labels = {"bucketed 64 MiB (default)", "bucketed 1 MiB", "flat broadcast", "tcp (parallel)"}
+        labels = {
+            "bucketed 64 MiB (default)",
+            "bucketed 1 MiB",
+            "bucketed 64 MiB, packed",
+            "flat broadcast",
+            "tcp (parallel)",
+        }
         assert set(cell["methods"]) == labels
         for label in labels:
             assert len(cell["seconds"][label]) == 2 and min(cell["seconds"][label]) > 0
