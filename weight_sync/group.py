@@ -18,6 +18,7 @@ Formation is two-phase, so that one missing member can never hang the others ins
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from datetime import timedelta
 from typing import Any
@@ -29,19 +30,36 @@ logger = logging.getLogger(__name__)
 
 
 def host_store(host: str, port: int, timeout_s: float) -> dist.TCPStore:
-    """The learner's rendezvous store, bound to ``host`` (0 = a free port)."""
+    """The learner's rendezvous store, listening on ``host`` only (port 0 = a free port).
+
+    ``TCPStore`` given a port listens on every interface of the node, so the socket is bound
+    here, to ``host``, and handed over (``master_listen_fd``); the store owns it from then on.
+    """
     try:
-        return dist.TCPStore(
-            host,
-            port,
-            is_master=True,
-            wait_for_workers=False,
-            timeout=timedelta(seconds=timeout_s),
-            use_libuv=True,
-        )
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+            sock.listen(128)
+            store = dist.TCPStore(
+                host,
+                sock.getsockname()[1],
+                is_master=True,
+                wait_for_workers=False,
+                timeout=timedelta(seconds=timeout_s),
+                use_libuv=True,
+                master_listen_fd=sock.fileno(),
+            )
+        except BaseException:
+            sock.close()
+            raise
+        sock.detach()
+        return store
     except (RuntimeError, OSError) as err:
         raise OSError(
-            f"cannot host the rendezvous store on {host}:{port} ({err}); set transport.store_port"
+            f"cannot host the rendezvous store on {host}:{port} ({err}); set transport.host or "
+            "transport.store_port"
         ) from None
 
 
