@@ -49,9 +49,12 @@ from async_rl.schema import (
     WeightHeader,
 )
 from async_rl.text import load_tokenizer, render_prompt, response_text
-from async_rl.transport import ActorClient, Endpoints
+from async_rl.transport import ActorClient, Endpoints, load_client_keys
 
 logger = logging.getLogger(__name__)
+
+# Actor.run's reason when the learner stopped answering: reconnect rather than exit.
+LEARNER_LOST = "learner lost"
 
 
 @dataclass
@@ -92,6 +95,7 @@ class Actor:
         self.stopping = ""
         self.groups_sent = 0
         self.sync = self.cfg.rollout.max_staleness == 0
+        self.last_heard = time.monotonic()  # anything from the learner (it answers heartbeats)
 
     # ------------------------------------------------------------------ main loop
 
@@ -100,6 +104,7 @@ class Actor:
         while not self.stopping:
             busy = self.engine.has_work()
             self._handle_control(timeout_s=0.0 if busy else 0.05)
+            self._check_learner()
             self._maybe_swap_weights()
             self._maybe_heartbeat()
             if self.stopping or not self.has_weights:
@@ -115,8 +120,29 @@ class Actor:
     def _handle_control(self, timeout_s: float) -> None:
         msg = self.client.recv(timeout_s)
         while msg is not None:
+            self.last_heard = time.monotonic()
             self._dispatch(msg)
             msg = self.client.recv(0.0)
+
+    def _check_learner(self) -> None:
+        """A learner that died (or a connection that broke) answers nothing, not even a
+        heartbeat: after transport.learner_timeout_s, stop and reconnect."""
+        silent_s = time.monotonic() - self.last_heard
+        if not self.stopping and silent_s > self.cfg.transport.learner_timeout_s:
+            self.stopping = (
+                f"{LEARNER_LOST}: nothing from {self.client.endpoint} for {silent_s:.1f} s "
+                f"(transport.learner_timeout_s={self.cfg.transport.learner_timeout_s:g})"
+            )
+
+    def resend(self, outbox: dict[int, TrajectoryGroup]) -> None:
+        """Send again the groups a previous connection left unacknowledged. The learner keeps
+        each lease once: a group it already has, or whose lease is no longer live, is dropped."""
+        for group in outbox.values():
+            self.outbox[group.lease_id] = group
+            if not self.client.push(group, timeout_s=self.cfg.transport.request_timeout_s):
+                logger.warning("trajectory queue full; lease %d stays in the outbox", group.lease_id)
+        if outbox:
+            logger.info("re-sent %d unacknowledged groups to the learner", len(outbox))
 
     def _dispatch(self, msg: Any) -> None:
         match msg:
@@ -134,6 +160,8 @@ class Actor:
                 self.receiver.submit(msg)
             case Bye(reason=reason):
                 self.stopping = reason or "learner said bye"
+            case Registered():
+                pass  # the answer to a repeated Register (sent while the learner was unreachable)
             case _:
                 logger.warning("unexpected control message %s", type(msg).__name__)
 
@@ -259,21 +287,39 @@ def register(client: ActorClient, *, timeout_s: float, give_up_s: float) -> Regi
             case Rejected(reason=reason):
                 raise RuntimeError(f"the learner refused this actor: {reason}")
         if time.monotonic() >= deadline:
-            raise TimeoutError(f"no learner answered at {client.endpoint} within {give_up_s:.0f} s")
+            raise TimeoutError(
+                f"no learner answered at {client.endpoint} within {give_up_s:.0f} s; if the learner has "
+                "transport.curve_keys_dir set, give this actor keys=DIR with that directory's client keys"
+            )
         logger.info("no answer from the learner at %s yet; retrying in %.0f s", client.endpoint, backoff)
         time.sleep(backoff)
         backoff = min(backoff * 2, 15.0)
 
 
 def run_actor(
-    learner: str, *, actor_id: str, device: str = "cpu", num_threads: int = 0, give_up_s: float = 600.0
+    learner: str,
+    *,
+    actor_id: str,
+    device: str = "cpu",
+    num_threads: int = 0,
+    give_up_s: float = 600.0,
+    keys_dir: str = "",
 ) -> str:
-    """Entry point of one actor process. Returns why it stopped."""
+    """Entry point of one actor process. Returns why it stopped. ``keys_dir``: CURVE keys
+    (``async-rl keys``), needed before registering, so before the learner's config arrives."""
     if num_threads:
         torch.set_num_threads(num_threads)
-    client = ActorClient(resolve_learner(learner), actor_id, high_water_mark=1000, max_message_mb=64)
+    curve = load_client_keys(keys_dir) if keys_dir else None
+
+    def connect() -> ActorClient:  # resolved each time: a restarted learner rewrites endpoints.json
+        return ActorClient(
+            resolve_learner(learner), actor_id, high_water_mark=1000, max_message_mb=64, curve=curve
+        )
+
+    client = connect()
     actor = None
     connected = ""
+    outbox: dict[int, TrajectoryGroup] = {}  # unacknowledged groups carried across reconnects
     try:
         while True:
             registered = register(client, timeout_s=5.0, give_up_s=give_up_s)
@@ -287,8 +333,26 @@ def run_actor(
                 device=device,
                 store_timeout_s=float(registered.config["weight_sync"]["timeout_s"]),
             )
+            actor.resend(outbox)
             reason = actor.run()
+            outbox = actor.outbox
             logger.info("actor %s stopping: %s (%d groups sent)", actor_id, reason, actor.groups_sent)
+            if reason.startswith(LEARNER_LOST):
+                # The learner died or the connection broke. Fresh sockets drop whatever queued
+                # for the old connection; the outbox is sent again once registered. A learner
+                # resumed from a checkpoint re-issues the leases this actor was generating.
+                logger.warning(
+                    "actor %s: %s; reconnecting (%d unacknowledged groups kept)",
+                    actor_id,
+                    reason,
+                    len(outbox),
+                )
+                actor.close()
+                actor = None
+                client.close()
+                client = connect()
+                connected = ""
+                continue
             if not reason.startswith(EVICTED):
                 return reason
             # Evicted (it missed a weight-sync deadline, e.g. it was stopped): its leases went

@@ -4,6 +4,7 @@
     async-rl learner [OVERRIDES]       the learner alone (actors join it later)
     async-rl actor learner=ADDR [...]  one generator actor, on this machine or another
     async-rl critic store=DIR out=DIR  train the step critic of algorithm.advantage=direct
+    async-rl keys out=DIR              CURVE keys for transport.curve_keys_dir / actor keys=DIR
 
 OVERRIDES are Hydra overrides such as ``rollout.max_staleness=4 trainer.max_steps=50``.
 """
@@ -24,6 +25,8 @@ _EPILOG = """examples:
   async-rl train model.path=DIR data.kind=jsonl data.path=train.jsonl data.eval_path=test.jsonl
   async-rl learner run_dir=runs/a                  then, anywhere:
   async-rl actor learner=runs/a/endpoints.json     (or learner=HOST:PORT)
+  async-rl keys out=keys                           then learner transport.curve_keys_dir=keys,
+                                                   actor keys=keys (docs/gpu_cluster.md)
 """
 
 
@@ -47,8 +50,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "options",
         nargs="*",
-        help="learner=HOST:PORT|path/to/endpoints.json (required), id=NAME, device=cpu|cuda, threads=N",
+        help="learner=HOST:PORT|path/to/endpoints.json (required), id=NAME, device=cpu|cuda, threads=N, "
+        "keys=DIR (the `async-rl keys` directory, when the learner has transport.curve_keys_dir)",
     )
+    p = sub.add_parser(
+        "keys",
+        help="generate CURVE keys: only actors holding them can connect to the learner",
+        description="write a learner keypair, one actor keypair and authorized_clients/ into out=DIR "
+        "(secret files mode 600); then run the learner with transport.curve_keys_dir=DIR and each "
+        "actor with keys=DIR. Existing keys are never overwritten.",
+    )
+    p.add_argument("options", nargs="*", help="out=DIR (required)")
     p = sub.add_parser(
         "critic",
         help="train the step-level critic (algorithm.advantage=direct) on saved trajectories",
@@ -91,6 +103,21 @@ def _critic(options: list[str]) -> int:
     return 0
 
 
+def _keys(options: list[str]) -> int:
+    key, sep, out = (options[0] if len(options) == 1 else "").partition("=")
+    if key != "out" or not sep or not out:
+        raise ValueError("keys takes one option: out=DIR (where the key files go)")
+    from async_rl.transport import create_keys
+
+    for path in create_keys(out):
+        print(f"wrote {path} (mode {path.stat().st_mode & 0o777:o})")
+    print(
+        f"learner: transport.curve_keys_dir={out}; actors: keys=DIR, a copy of {out} holding "
+        "server.key, client.key and client.key_secret (never server.key_secret)"
+    )
+    return 0
+
+
 def setup_logging(level: str, log_file: Path | None = None) -> None:
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_file is not None:
@@ -114,7 +141,7 @@ def setup_logging(level: str, log_file: Path | None = None) -> None:
 
 
 def _actor_options(options: list[str]) -> dict[str, str]:
-    known = {"learner", "id", "device", "threads", "log_level"}
+    known = {"learner", "id", "device", "threads", "log_level", "keys"}
     parsed = {}
     for item in options:
         key, sep, value = item.partition("=")
@@ -147,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
                 return launch(args.overrides)
             case "critic":
                 return _critic(args.options)
+            case "keys":
+                return _keys(args.options)
             case "bench":
                 from async_rl.bench import bench
 
@@ -161,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
                     actor_id=opts.get("id") or f"actor-{os.uname().nodename}-{os.getpid()}",
                     device=opts.get("device", "cpu"),
                     num_threads=int(opts.get("threads", "0")),
+                    keys_dir=opts.get("keys", ""),
                 )
                 return 0
     except (ValueError, FileNotFoundError, TimeoutError, OSError, RuntimeError) as err:

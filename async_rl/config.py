@@ -211,6 +211,12 @@ class TrainerConfig:
     device: str = "auto"
     # torch CPU threads in the learner (0 = share the machine's cores evenly).
     num_threads: int = 0
+    # Learner processes (>= 1): FSDP2 data parallel over this many devices (learners/fsdp.py);
+    # the learner process is rank 0 and starts the others. On CUDA, rank r uses cuda:r.
+    num_devices: int = 1
+    # Deadline (s) for the extra learner ranks to start (model load, rendezvous) and of every
+    # collective among the learner ranks.
+    device_timeout_s: float = 300.0
     # Stop with an error if no trajectory arrives for this long.
     idle_timeout_s: float = 300.0
 
@@ -228,6 +234,20 @@ class TrainerConfig:
         _check(self.checkpoint_every >= 0, "trainer.checkpoint_every: must be >= 0")
         _check(self.warmup_sft_steps >= 0, "trainer.warmup_sft_steps: must be >= 0")
         _check(0 <= self.warmup_sft_target <= 1, "trainer.warmup_sft_target: must be in [0, 1]")
+        _check(self.num_devices >= 1, f"trainer.num_devices={self.num_devices}: must be >= 1")
+        _check(self.device_timeout_s > 0, f"trainer.device_timeout_s={self.device_timeout_s}: must be > 0")
+        if self.num_devices > 1:
+            _check(
+                self.batch_groups >= self.mini_batches * self.num_devices,
+                f"trainer.num_devices={self.num_devices} needs a group per device in every mini-batch: "
+                f"raise trainer.batch_groups={self.batch_groups} to >= trainer.mini_batches * num_devices "
+                f"= {self.mini_batches * self.num_devices}",
+            )
+            _check(
+                self.device in ("auto", "cpu", "cuda"),
+                f"trainer.device={self.device} with trainer.num_devices={self.num_devices}: use auto, cpu or "
+                "cuda (rank r takes cuda:r; choose the GPUs with CUDA_VISIBLE_DEVICES)",
+            )
 
 
 @dataclass
@@ -324,6 +344,9 @@ class LearnerConfig:
     save_trajectories: bool = False
     # Where the store goes (empty: <run_dir>/trajectories).
     trajectory_dir: str = ""
+    # Restart from the latest checkpoint in run_dir (model, optimizer, version, coordinator
+    # state), on the endpoints of endpoints.json; an error if run_dir has no checkpoint.
+    resume: bool = False
 
 
 @dataclass
@@ -343,6 +366,21 @@ class TransportConfig:
     request_timeout_s: float = 30.0
     # Actor heartbeat period (s).
     heartbeat_s: float = 2.0
+    # An actor that hears nothing from the learner for this long (s; the learner answers
+    # every heartbeat) takes it for gone, reconnects and registers again, with backoff.
+    learner_timeout_s: float = 30.0
+    # CURVE authentication and encryption of both channels: a key directory written by
+    # `async-rl keys out=DIR`. Empty: off. The learner admits only actors whose public key is
+    # in DIR/authorized_clients; actors need keys=DIR (server.key, client.key_secret).
+    curve_keys_dir: str = ""
+
+    def __post_init__(self) -> None:
+        _check(self.heartbeat_s > 0, f"transport.heartbeat_s={self.heartbeat_s}: must be > 0")
+        _check(
+            self.learner_timeout_s > self.heartbeat_s,
+            f"transport.learner_timeout_s={self.learner_timeout_s}: must be > transport.heartbeat_s="
+            f"{self.heartbeat_s} (a few heartbeat periods, or every pause looks like a dead learner)",
+        )
 
 
 @dataclass
@@ -380,6 +418,11 @@ class Config:
         if self.mode is Mode.SYNC:
             # Sync mode is the same system with no staleness: generation waits for training.
             self.rollout.max_staleness = 0
+        _check(
+            not (self.learner.resume and self.trainer.num_devices > 1),
+            f"learner.resume with trainer.num_devices={self.trainer.num_devices} is not supported yet: "
+            "resume with trainer.num_devices=1 (the checkpoint format is the same)",
+        )
 
 
 def register_configs() -> None:

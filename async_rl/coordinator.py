@@ -13,7 +13,19 @@ Filtered groups free their slot without counting as accepted, so the coordinator
 more prompts to make up for them (dynamic sampling inside the staleness budget).
 
 Every lease ends exactly once: accepted, filtered, or expired (its prompt is re-issued
-under a new lease id with the same ``seq``, so it is sampled the same way again).
+under a new lease id with the same ``seq``, so it is sampled the same way again). An
+accepted group is then either trained or, if it outlived the staleness bound, re-queued
+(``stale``). At any moment
+
+    granted == trained + buffered + filtered + reissued + stale + in_flight
+
+where ``buffered`` counts accepted groups not trained yet (``accounting`` checks it). A
+group for a lease that is not live (already ended, expired, or granted by an earlier
+learner incarnation) is dropped and counted in ``duplicates_dropped``, never trained.
+
+Lease ids are unique across learner restarts: each incarnation grants ids from its own
+range (``first_lease_id``), so a group an actor generated for the crashed learner can never
+be mistaken for a lease of its successor.
 """
 
 from __future__ import annotations
@@ -36,7 +48,7 @@ class Outcome(enum.Enum):
     FILTERED = "filtered"
     DUPLICATE = "duplicate"  # this lease already ended (a resend after reconnect)
     LATE = "late"  # the lease expired and its prompt was re-issued; this copy is dropped
-    UNKNOWN = "unknown"  # never granted by this coordinator
+    UNKNOWN = "unknown"  # never granted by this coordinator (e.g. by the learner before a restart)
 
 
 @dataclass
@@ -55,6 +67,7 @@ class Coordinator:
         max_staleness: int,
         lease_timeout_s: float,
         clock: Callable[[], float] = time.monotonic,
+        first_lease_id: int = 0,
     ) -> None:
         self._source = source
         self._batch_groups = batch_groups
@@ -65,16 +78,22 @@ class Coordinator:
         self._active: dict[int, _Active] = {}
         self._ended: dict[int, Outcome] = {}  # lease id -> how it ended (for duplicates)
         self._reissue: deque[tuple[int, Prompt]] = deque()  # (seq, prompt) of expired leases
-        self._next_lease_id = 0
+        self._buffered: dict[int, Lease] = {}  # accepted, not trained yet (nor re-queued as stale)
+        self._next_lease_id = first_lease_id
         self.version = 0  # the policy version all actors hold
+        # Cumulative since the start of the run (restored across learner restarts).
+        # accepted = trained + buffered; duplicates_dropped = duplicates + late + unknown.
         self.counts = {
             "granted": 0,
             "accepted": 0,
+            "trained": 0,
             "filtered": 0,
             "reissued": 0,
+            "stale": 0,
             "duplicates": 0,
             "late": 0,
-            "stale": 0,
+            "unknown": 0,
+            "duplicates_dropped": 0,
         }
 
     # ------------------------------------------------------------------ admission
@@ -117,17 +136,31 @@ class Coordinator:
             if lease_id not in self._active:
                 ended = self._ended.get(lease_id)
                 if ended is Outcome.LATE:
-                    self.counts["late"] += 1
-                    return Outcome.LATE
-                if ended is None:
-                    return Outcome.UNKNOWN
-                self.counts["duplicates"] += 1
-                return Outcome.DUPLICATE
-            del self._active[lease_id]
+                    dropped = Outcome.LATE
+                elif ended is None:
+                    dropped = Outcome.UNKNOWN
+                else:
+                    dropped = Outcome.DUPLICATE
+                self.counts[{Outcome.DUPLICATE: "duplicates"}.get(dropped, dropped.value)] += 1
+                self.counts["duplicates_dropped"] += 1
+                return dropped
+            active = self._active.pop(lease_id)
             outcome = Outcome.ACCEPTED if accepted else Outcome.FILTERED
             self._ended[lease_id] = outcome
             self.counts[outcome.value] += 1
+            if accepted:
+                self._buffered[lease_id] = active.lease
             return outcome
+
+    def trained(self, lease_ids: list[int]) -> None:
+        """The accepted groups of ``lease_ids`` were trained (one optimizer step)."""
+        with self._lock:
+            for lease_id in lease_ids:
+                if self._buffered.pop(lease_id, None) is None:
+                    raise RuntimeError(
+                        f"lease {lease_id} trained but it was not an accepted, untrained group"
+                    )
+            self.counts["trained"] += len(lease_ids)
 
     def lease_sequence(self, lease_id: int) -> int | None:
         """The data-cursor position of an active lease (None if not active)."""
@@ -146,6 +179,7 @@ class Coordinator:
         response outlived newer leases): it is not trained, and its prompt is leased again.
         It no longer counts as accepted, so admission makes room for the replacement."""
         with self._lock:
+            self._buffered.pop(lease.lease_id, None)
             self.counts["accepted"] -= 1
             self.counts["stale"] += 1
             self._reissue.append((lease.seq, Prompt(lease.prompt_id, lease.question, lease.answer)))
@@ -198,26 +232,59 @@ class Coordinator:
         with self._lock:
             return dict(collections.Counter(a.actor_id for a in self._active.values()))
 
-    def state_dict(self) -> dict[str, Any]:
-        """Checkpointable state. Leases in flight are saved as prompts to re-issue."""
+    @property
+    def buffered(self) -> int:
+        """Accepted groups not trained yet (in the learner's buffer or batch in hand)."""
+        return len(self._buffered)
+
+    def accounting(self) -> dict[str, Any]:
+        """The exactly-once ledger: every granted lease is trained, buffered, filtered,
+        re-issued, re-queued as stale, or still in flight. ``ok`` says whether that holds."""
         with self._lock:
-            pending = [(s, p) for s, p in self._reissue] + [
-                (a.lease.seq, Prompt(a.lease.prompt_id, a.lease.question, a.lease.answer))
-                for a in self._active.values()
-            ]
+            c = dict(self.counts)
+            in_flight, buffered = len(self._active), len(self._buffered)
+        ended = c["trained"] + buffered + c["filtered"] + c["reissued"] + c["stale"]
+        return c | {
+            "in_flight": in_flight,
+            "buffered": buffered,
+            "accounted": ended + in_flight,
+            "ok": ended + in_flight == c["granted"] and c["accepted"] == c["trained"] + buffered,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Checkpointable state. The leases in flight and the accepted groups not trained yet
+        are saved as prompts: a restored coordinator re-issues them (the groups themselves
+        are not saved, and the weights they would have trained are those of the checkpoint)."""
+        with self._lock:
             return {
                 "source": self._source.state_dict(),
                 "next_lease_id": self._next_lease_id,
                 "version": self.version,
                 "counts": dict(self.counts),
-                "reissue": [[s, p.prompt_id, p.question, p.answer] for s, p in pending],
+                "reissue": [[s, p.prompt_id, p.question, p.answer] for s, p in self._reissue],
+                "in_flight": [_row(a.lease) for a in self._active.values()],
+                "buffered": [_row(lease) for lease in self._buffered.values()],
             }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a checkpoint. Leases keep ids from this coordinator's own range (the larger
+        of the saved next id and ``first_lease_id``). The saved in-flight and buffered leases
+        end as re-issued: their prompts are leased again, in draw order, before new draws."""
         with self._lock:
             self._source.load_state_dict(state["source"])
-            self._next_lease_id = int(state["next_lease_id"])
+            self._next_lease_id = max(int(state["next_lease_id"]), self._next_lease_id)
             self.version = int(state["version"])
             self.counts.update(state["counts"])
             self._active.clear()
+            self._buffered.clear()
+            self._ended.clear()
+            in_flight, buffered = state.get("in_flight", []), state.get("buffered", [])
+            rows = sorted([*in_flight, *buffered], key=lambda row: int(row[0]))
             self._reissue = deque((int(s), Prompt(int(pid), q, a)) for s, pid, q, a in state["reissue"])
+            self._reissue.extend((int(s), Prompt(int(pid), q, a)) for s, pid, q, a in rows)
+            self.counts["reissued"] += len(rows)
+            self.counts["accepted"] -= len(buffered)
+
+
+def _row(lease: Lease) -> list[Any]:
+    return [lease.seq, lease.prompt_id, lease.question, lease.answer]

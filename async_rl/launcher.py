@@ -42,6 +42,33 @@ def write_config(cfg: Config, run_dir: Path) -> None:
     (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
+def warn_config_changes(cfg: Config, run_dir: Path) -> list[str]:
+    """Before a resume: the keys whose values differ from the run's config.yaml (each logged
+    as a warning, since a resumed run should normally be given the same overrides)."""
+    import yaml
+
+    path = run_dir / "config.yaml"
+    if not path.exists():
+        return []
+    before, now = _flat(yaml.safe_load(path.read_text()) or {}), _flat(to_dict(cfg))
+    changed = sorted(
+        k for k in before.keys() | now.keys() if before.get(k) != now.get(k) and k != "learner.resume"
+    )
+    for key in changed:
+        logger.warning("resuming with %s=%r; the run was started with %r", key, now.get(key), before.get(key))
+    return changed
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out |= _flat(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def learner(overrides: list[str]) -> int:
     """``async-rl learner``: run the learner in this process until max_steps or a signal."""
     from async_rl.cli import setup_logging
@@ -49,6 +76,8 @@ def learner(overrides: list[str]) -> int:
     cfg = compose("train", overrides)
     run_dir = make_run_dir(cfg)
     setup_logging(cfg.log_level, run_dir / "learner.log")
+    if cfg.learner.resume:
+        warn_config_changes(cfg, run_dir)
     write_config(cfg, run_dir)
     model_path = resolve_model(cfg)
     from learners.learner import Learner
@@ -81,6 +110,7 @@ def train(overrides: list[str]) -> int:
 
     cfg = compose("train", overrides)
     setup_logging(cfg.log_level)
+    keys = curve_keys_for_actors(cfg)
     run_dir = make_run_dir(cfg)
     write_config(cfg, run_dir)
     threads = cfg.rollout.num_threads or default_threads(1 + cfg.rollout.num_actors)
@@ -94,6 +124,8 @@ def train(overrides: list[str]) -> int:
             name = f"actor-{i}"
             opts = [f"learner={endpoints}", f"id={name}", f"threads={threads}", f"log_level={cfg.log_level}"]
             opts.append(f"device={_actor_device(cfg.trainer.device)}")
+            if keys:
+                opts.append(f"keys={keys}")
             procs[name] = _spawn(run_dir, name, ["actor", *opts])
         code = _follow(run_dir, procs, cfg)
     except KeyboardInterrupt:
@@ -104,6 +136,19 @@ def train(overrides: list[str]) -> int:
     if code == 0:
         print(f"done. metrics: {run_dir / 'metrics.jsonl'}", flush=True)
     return code
+
+
+def curve_keys_for_actors(cfg: Config) -> str:
+    """With transport.curve_keys_dir: its absolute path, for the actors this launcher starts
+    (they authenticate before they receive the config). Both halves are loaded here first, so
+    a missing key fails before any process starts, with the file's name and the fix."""
+    if not cfg.transport.curve_keys_dir:
+        return ""
+    from async_rl.transport import load_client_keys, load_server_keys
+
+    load_server_keys(cfg.transport.curve_keys_dir)
+    load_client_keys(cfg.transport.curve_keys_dir)
+    return str(Path(cfg.transport.curve_keys_dir).resolve())
 
 
 def _actor_device(learner_device: str) -> str:

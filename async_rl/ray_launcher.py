@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from async_rl.config import Config, RayConfig, compose, default_threads
-from async_rl.launcher import make_run_dir, print_tail, progress_line, write_config
+from async_rl.launcher import curve_keys_for_actors, make_run_dir, print_tail, progress_line, write_config
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ def launch(overrides: list[str]) -> int:
     setup_logging(cfg.log_level)
     ray_cfg = cfg.ray
     learner_device, actor_device = role_devices(cfg, ray_cfg)
+    keys = curve_keys_for_actors(cfg)  # on a multi-node cluster: a path every node can read
     run_dir = make_run_dir(cfg)
     write_config(cfg, run_dir)
     # A stale endpoints.json from an earlier run in this directory would send actors astray.
@@ -73,7 +74,7 @@ def launch(overrides: list[str]) -> int:
         endpoint = _start_learner(roles, ray_cfg, learner_opts, cfg.transport.host, run_dir)
         threads = cfg.rollout.num_threads or default_threads(1 + cfg.rollout.num_actors)
         for i in range(cfg.rollout.num_actors):
-            _start_actor(roles, ray_cfg, i, run_dir, cfg.log_level, (endpoint, actor_device, threads))
+            _start_actor(roles, ray_cfg, i, run_dir, cfg.log_level, (endpoint, actor_device, threads, keys))
         _wait_placed(roles, ray_cfg, [n for n in roles.handles if n != "learner"])
         (run_dir / "placement.json").write_text(json.dumps(roles.where, indent=2))
         code = _follow(run_dir, roles, cfg.trainer.max_steps)
@@ -170,7 +171,12 @@ def _start_learner(roles: _Roles, ray_cfg: RayConfig, opts: list[str], host: str
 
 
 def _start_actor(
-    roles: _Roles, ray_cfg: RayConfig, index: int, run_dir: Path, log_level: str, args: tuple[str, str, int]
+    roles: _Roles,
+    ray_cfg: RayConfig,
+    index: int,
+    run_dir: Path,
+    log_level: str,
+    args: tuple[str, str, int, str],
 ) -> None:
     import ray
 
@@ -314,7 +320,7 @@ class _ActorRole:
     def where(self) -> dict[str, Any]:
         return _where()
 
-    def run(self, learner: str, device: str, threads: int) -> str:
+    def run(self, learner: str, device: str, threads: int, keys_dir: str = "") -> str:
         import ray
 
         from async_rl.cli import setup_logging
@@ -328,4 +334,4 @@ class _ActorRole:
             logger.warning("%s restarted by Ray (pid %d); registering again", actor_id, os.getpid())
         from actors.actor import run_actor
 
-        return run_actor(learner, actor_id=actor_id, device=device, num_threads=threads)
+        return run_actor(learner, actor_id=actor_id, device=device, num_threads=threads, keys_dir=keys_dir)

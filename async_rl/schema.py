@@ -24,6 +24,9 @@ import numpy as np
 
 # Bumped on any incompatible change; a peer with another version is refused at register.
 SCHEMA_VERSION = 2
+# Messages whose layout never changes, decoded whatever version the envelope names: a peer
+# of another version can still register, and be told why it is refused.
+_ANY_VERSION_KINDS = ("register", "rejected")
 
 # Hard caps on what one message may declare, before any array is materialised.
 MAX_TOKENS_PER_SEQUENCE = 1 << 20  # 1M tokens: far above any context length in use
@@ -477,9 +480,9 @@ def decode(data: bytes) -> Message:
     if not isinstance(d, dict):
         raise SchemaError("message is not a map")
     version = d.get("v")
-    if type(version) is not int or version != SCHEMA_VERSION:
-        raise SchemaError(f"schema version {_show(version)}, this process speaks {SCHEMA_VERSION}")
     kind = d.get("k")
+    if type(version) is not int or (version != SCHEMA_VERSION and kind not in _ANY_VERSION_KINDS):
+        raise SchemaError(f"schema version {_show(version)}, this process speaks {SCHEMA_VERSION}")
     match kind:
         case "trajectory":
             return _decode_trajectory(d)

@@ -1,17 +1,24 @@
 """Data-parallel learner step over ``W`` processes with FSDP2 (``fully_shard``).
 
-Building blocks; the learner process does not use them yet. Layout: the ``W`` learner
-ranks form this process's *default* process group (NCCL on GPU, gloo on CPU); rank 0 is the learner process that owns the sockets, the coordinator and the
-weight-sync group, ranks 1.. only train. So on rank 0 the weight-sync group must be a second,
-non-default group: ``weight_sync.group.SyncGroup`` currently (re)initialises the default group,
-which would tear down the FSDP world. Per step:
+Used by the learner when ``trainer.num_devices`` = ``W`` > 1. Layout: the ``W`` learner ranks
+form each process's *default* process group (NCCL on GPU, gloo on CPU); rank 0 is the learner
+process that owns the sockets, the coordinator and the weight-sync group (a process group object
+of its own, ``weight_sync.group.SyncGroup``), ranks 1.. only train. Rank 0 starts ranks 1.. as
+``python -m learners.fsdp`` processes (``ShardedTrainer``) and tells them what to do next through
+its rendezvous store (``worker_main``): both halves of that protocol are in this file. Per step:
 
 1. ``broadcast_groups``: rank 0 sends the step's ``TrajectoryGroup``s to every rank, encoded by
    ``async_rl.schema`` (checked on decode, never pickled). Every rank builds the same full
    ``Batch`` with ``trainer.make_batch``.
 2. ``sharded_train_step``: the math of ``trainer.train_step`` with the rows split by groups.
-3. ``full_parameters``: every rank takes part in the all-gather; rank 0 gets the full weights
-   and broadcasts them to the actors over the weight-sync group, as the one-process learner does.
+3. At a weight sync, an evaluation or a checkpoint: ``gather_into``, every rank takes part in
+   the all-gather and rank 0 copies the full weights into its *mirror*, an unsharded copy of the
+   model. The weight broadcast to the actors goes out from the mirror on rank 0, as in the
+   one-process learner (same header, same flat buckets), so the actors and the weight-sync
+   protocol do not know the learner is sharded. Evaluation (``model.generate``) and
+   ``save_pretrained`` also run on the mirror, on rank 0 alone: a sharded forward pass would
+   need every rank in lockstep through a data-dependent number of decode steps. The price is
+   one full copy of the weights (no gradients, no optimizer state) on rank 0's device.
 
 Why the result equals one process. ``policy_loss`` is a token mean: with ``N`` response tokens
 in a mini-batch and ``n_r`` of them on rank ``r``, the one-process gradient is
@@ -26,18 +33,30 @@ across ranks, so every rank returns what ``train_step`` returns on the whole bat
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import itertools
+import json
 import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from async_rl.config import Config, default_threads, from_dict, to_dict
 from async_rl.schema import SchemaError, TrajectoryGroup, decode, encode
 from learners.advantages import AdvantageEstimator
 from learners.loss import policy_loss
-from learners.trainer import Batch, StepParams, advantages_for, mismatch_kl_sum, token_logprobs
+from learners.trainer import Batch, StepParams, advantages_for, make_batch, mismatch_kl_sum, token_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -224,3 +243,328 @@ def broadcast_groups(
             raise SchemaError(f"broadcast_groups: expected a trajectory group, got {type(msg).__name__}")
         out.append(msg)
     return out
+
+
+# ------------------------------------------------------------- rank 0 and the ranks it starts
+
+# How often a rank waiting for the next command (or rank 0 waiting for ranks to start) looks
+# again: a store lookup on loopback, negligible next to a training step.
+_POLL_S = 0.05
+# After "stop", how long rank 0 waits for its ranks to exit before it terminates them.
+_EXIT_WAIT_S = 10.0
+# The learner's rendezvous store is shared with the weight-sync group: FSDP keys live apart.
+_PREFIX = "fsdp/"
+
+
+class ShardedTrainer:
+    """Rank 0's side: the sharded model and optimizer, and the rank processes it started.
+
+    The constructor starts ranks ``1..num_devices-1`` as ``python -m learners.fsdp`` processes,
+    which load the model while rank 0 goes on (with its warm start, say). ``shard`` then waits
+    for them, forms the default process group on the learner's own store, and shards a copy of
+    ``mirror`` (rank 0's full model): every rank starts from rank 0's weights at that moment.
+    Then each call sends one command to the ranks (``cmd/<n>`` in the store: ``step <version>``,
+    ``gather``, ``optimizer``, ``stop``) and runs that command's collectives, which every rank
+    (``worker_main``) runs in the same order.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        model_path: str,
+        store: dist.TCPStore,
+        store_host: str,
+        run_dir: Path,
+        device: torch.device,
+    ) -> None:
+        self.cfg = cfg
+        self.world_size = cfg.trainer.num_devices
+        self.device = _rank_device(device.type, 0)
+        self.timeout_s = cfg.trainer.device_timeout_s
+        self.model: Any = None  # set by shard()
+        self.optimizer: Any = None
+        self._store = dist.PrefixStore(_PREFIX, store)
+        self._sent = 0
+        self._procs: list[subprocess.Popen[bytes]] = []
+        self._mirror_version = -1  # the version of the weights the mirror holds
+        self._store.set("config", json.dumps(to_dict(cfg)))
+        self._store.set("model_path", model_path)
+        try:
+            for rank in range(1, self.world_size):
+                args = [f"--rank={rank}", f"--world-size={self.world_size}", f"--timeout-s={self.timeout_s}"]
+                args += [f"--store={store_host}:{store.port}", f"--run-dir={run_dir}"]
+                # Output is inherited: the ranks' log lines go where the learner's go.
+                self._procs.append(subprocess.Popen([sys.executable, "-m", "learners.fsdp", *args]))
+        except BaseException:
+            self.close()  # the ranks started so far
+            raise
+
+    def shard(self, mirror: torch.nn.Module, version: int) -> None:
+        """Form the group (deadline: trainer.device_timeout_s) and shard ``mirror``'s weights,
+        which are those of policy ``version``, over every rank."""
+        self._wait_ready()
+        _init_world(self._store, 0, self.world_size, self.device, self.timeout_s)
+        self.model, self.optimizer = _prepare(copy.deepcopy(mirror), self.cfg, self.device)
+        self._mirror_version = version
+        logger.info("FSDP learner: %d ranks on %s", self.world_size, dist.get_backend())
+
+    def train_step(
+        self,
+        groups: list[TrajectoryGroup],
+        batch: Batch,
+        p: StepParams,
+        *,
+        version: int,
+        estimator: AdvantageEstimator,
+    ) -> dict[str, float]:
+        """``train_step`` of ``batch`` (made from ``groups``) over every rank; returns its metrics."""
+        with self._command(f"step {version}"):
+            broadcast_groups(groups, device=self.device)
+            return sharded_train_step(
+                self.model, self.optimizer, batch, p, version=version, estimator=estimator
+            )
+
+    def gather_into(self, mirror: torch.nn.Module, version: int) -> None:
+        """Copy the full weights into ``mirror``, unless it already holds ``version``."""
+        if version != self._mirror_version:
+            with self._command("gather"):
+                _gather_into(self.model, mirror)
+            self._mirror_version = version
+
+    def optimizer_state_dict(self) -> dict[str, Any]:
+        """The full optimizer state, in the format of the one-process learner's
+        ``optimizer.state_dict()`` (parameters by index), so checkpoints do not depend on
+        ``num_devices``."""
+        with self._command("optimizer"):
+            return _full_optimizer_state(self.model, self.optimizer)
+
+    def close(self) -> None:
+        """Tell the ranks to stop, terminate any that has not exited in time, leave the group."""
+        procs, self._procs = self._procs, []
+        if any(proc.poll() is None for proc in procs):
+            try:
+                self._store.set(f"cmd/{self._sent}", "stop")
+            except (RuntimeError, OSError) as err:  # the store is gone: they exit on their own
+                logger.warning("could not tell the learner ranks to stop: %s", err)
+        deadline = time.monotonic() + _EXIT_WAIT_S
+        for rank, proc in enumerate(procs, start=1):
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                logger.warning("learner rank %d (pid %d) did not exit; terminating it", rank, proc.pid)
+                proc.terminate()
+                try:
+                    proc.wait(timeout=5.0)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=5.0)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    def _check_ranks(self) -> None:
+        for rank, proc in enumerate(self._procs, start=1):
+            if (code := proc.poll()) is not None:
+                raise RuntimeError(
+                    f"learner rank {rank} (pid {proc.pid}) exited with code {code}; see its "
+                    f"log, learner-rank{rank}.log in the run directory"
+                )
+
+    @contextlib.contextmanager
+    def _command(self, what: str) -> Iterator[None]:
+        """Send command ``what`` to the ranks; the body runs its collectives. If one fails
+        because a rank died, the error names the rank."""
+        self._check_ranks()
+        self._store.set(f"cmd/{self._sent}", what)
+        self._sent += 1
+        try:
+            yield
+        except RuntimeError as err:
+            deadline = time.monotonic() + 1.0  # a peer that closed the connection is exiting
+            for proc in self._procs:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            self._check_ranks()
+            raise RuntimeError(f"learner ranks: {what!r} failed: {err}") from err
+
+    def _wait_ready(self) -> None:
+        """Until every rank has loaded the model (deadline: trainer.device_timeout_s)."""
+        deadline = time.monotonic() + self.timeout_s
+        waiting = set(range(1, self.world_size))
+        while waiting:
+            self._check_ranks()
+            waiting = {r for r in waiting if not self._store.check([f"ready/{r}"])}
+            if waiting and time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"learner ranks {sorted(waiting)} did not start within trainer.device_timeout_s="
+                    f"{self.timeout_s:.0f} s"
+                )
+            time.sleep(_POLL_S if waiting else 0.0)
+
+
+def worker_main(argv: list[str] | None = None) -> int:
+    """Ranks 1..: ``python -m learners.fsdp --rank=R ...``, started by ``ShardedTrainer``. Loads
+    the model, joins the group, then runs rank 0's commands until ``stop``. Exits when rank 0
+    goes away (its store stops answering, or this process's parent changes)."""
+    import argparse
+
+    from transformers import AutoModelForCausalLM
+
+    from async_rl.text import load_tokenizer
+    from learners.advantages import estimator_from_config
+    from weight_sync.group import connect_store
+
+    parser = argparse.ArgumentParser(prog="python -m learners.fsdp", description=worker_main.__doc__)
+    parser.add_argument("--rank", type=int, required=True)
+    parser.add_argument("--world-size", type=int, required=True)
+    parser.add_argument("--store", required=True, help="HOST:PORT of the learner's rendezvous store")
+    parser.add_argument("--timeout-s", type=float, required=True)
+    parser.add_argument("--run-dir", type=Path, required=True)
+    args = parser.parse_args(argv)
+    # Ctrl-C in a terminal reaches the whole process group: rank 0 handles it (finishes the step
+    # and saves, which needs this rank) and then says stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = os.getppid()
+    host, port = args.store.rsplit(":", 1)
+    store = dist.PrefixStore(_PREFIX, connect_store(host, int(port), args.timeout_s))
+    cfg = from_dict(json.loads(store.get("config")))
+    _setup_logging(cfg.log_level, args.run_dir / f"learner-rank{args.rank}.log")
+    model_path = store.get("model_path").decode()
+    device = _rank_device(_pick_device_type(cfg.trainer.device), args.rank)
+    tr = cfg.trainer
+    torch.set_num_threads(tr.num_threads or default_threads(tr.num_devices + cfg.rollout.num_actors))
+    torch.manual_seed(cfg.seed)
+    tokenizer = load_tokenizer(model_path)
+    model: Any = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, cfg.model.dtype))
+    estimator = estimator_from_config(cfg, tokenizer)
+    params = StepParams.from_config(cfg)
+    store.set(f"ready/{args.rank}", "1")
+    _init_world(store, args.rank, args.world_size, device, args.timeout_s)
+    logger.info("learner rank %d of %d up on %s (pid %d)", args.rank, args.world_size, device, os.getpid())
+    try:
+        model, optimizer = _prepare(model.to(device).eval(), cfg, device)
+        for n in itertools.count():
+            command = _next_command(store, n, parent)
+            match command.split():
+                case ["step", version]:
+                    groups = broadcast_groups(None, device=device)
+                    batch = make_batch(groups, pad_id=tokenizer.pad_token_id, device=device)
+                    sharded_train_step(
+                        model, optimizer, batch, params, version=int(version), estimator=estimator
+                    )
+                case ["gather"]:
+                    _gather_into(model, None)
+                case ["optimizer"]:
+                    _full_optimizer_state(model, optimizer)
+                case ["stop"]:
+                    logger.info("learner rank %d: stopping", args.rank)
+                    return 0
+                case _:
+                    raise RuntimeError(f"learner rank {args.rank}: unknown command {command!r}")
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+def _setup_logging(level: str, log_file: Path) -> None:
+    """As ``async_rl.cli.setup_logging`` (which learners may not import: the CLI starts actors):
+    stderr, which rank 0's output is, and a log file of this rank."""
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr), logging.FileHandler(log_file)]
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname).1s %(processName)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        handlers=handlers,
+        force=True,
+    )  # the environment the CLI sets for transformers (quiet, offline) is inherited from rank 0
+
+
+def _next_command(store: dist.Store, n: int, parent: int) -> str:
+    """Command ``n`` from rank 0. Waits as long as rank 0 lives: between steps the learner may
+    legitimately wait for actors, evaluate or save for a long time, with deadlines of its own."""
+    key = f"cmd/{n}"
+    while True:
+        try:
+            if store.check([key]):
+                return store.get(key).decode()
+        except RuntimeError as err:  # torch.distributed's network errors: rank 0 hosts the store
+            raise RuntimeError(f"the learner process (rank 0) is gone: its store says {err}") from None
+        if os.getppid() != parent:
+            raise RuntimeError("the learner process (rank 0) is gone")
+        time.sleep(_POLL_S)
+
+
+def _pick_device_type(device: str) -> str:
+    """``trainer.device`` (auto, cpu or cuda with num_devices > 1) as a device type."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device).type
+
+
+def _rank_device(device_type: str, rank: int) -> torch.device:
+    """Rank ``r`` trains on ``cuda:r`` (CUDA_VISIBLE_DEVICES chooses which GPUs), or the CPU."""
+    return torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
+
+
+def _init_world(
+    store: dist.Store, rank: int, world_size: int, device: torch.device, timeout_s: float
+) -> None:
+    """Join the learner ranks' default process group: NCCL on CUDA, gloo on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(
+        "nccl" if device.type == "cuda" else "gloo",
+        store=dist.PrefixStore("world/", store),
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=timeout_s),
+    )
+
+
+def _prepare(model: torch.nn.Module, cfg: Config, device: torch.device) -> tuple[Any, torch.optim.Optimizer]:
+    """Every rank: take rank 0's weights, shard, and build the optimizer over the shards."""
+    with torch.no_grad():
+        for param in model.parameters():  # tied weights are one parameter: sent once
+            dist.broadcast(param.data, src=0)
+    sharded = shard_model(model, device_type=device.type)
+    optimizer = torch.optim.AdamW(
+        sharded.parameters(), lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay
+    )
+    return sharded, optimizer
+
+
+def _gather_into(model: torch.nn.Module, mirror: torch.nn.Module | None) -> None:
+    """Every rank: all-gather each parameter in turn; rank 0 (``mirror`` given) copies it into
+    ``mirror``'s parameter of the same name. One full parameter at a time besides the mirror."""
+    from torch.distributed.tensor import DTensor
+
+    into = dict(mirror.named_parameters()) if mirror is not None else {}
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            full = param.full_tensor() if isinstance(param, DTensor) else param
+            if mirror is not None:
+                into[name].copy_(full)
+
+
+def _full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Every rank: the optimizer state gathered to rank 0 (in host memory), re-keyed from
+    parameter names to ``named_parameters`` indices as ``Optimizer.state_dict`` keys them.
+    Other ranks get ``{}``."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    full: Any = get_optimizer_state_dict(model, optimizer, options=options)
+    if dist.get_rank() != 0:
+        return {}
+    index = {name: i for i, (name, _) in enumerate(model.named_parameters())}
+    return {
+        "state": {index[name]: value for name, value in full["state"].items()},
+        "param_groups": [g | {"params": [index[name] for name in g["params"]]} for g in full["param_groups"]],
+    }
+
+
+if __name__ == "__main__":
+    # Run the module proper (learners.fsdp, not this __main__ copy), so log lines carry its name.
+    from learners.fsdp import worker_main as _main
+
+    raise SystemExit(_main())

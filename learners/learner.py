@@ -15,6 +15,7 @@ service thread drains, so exactly one thread ever touches a socket.
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import queue
 import threading
@@ -50,11 +51,12 @@ from async_rl.schema import (
     check_group,
 )
 from async_rl.text import check_model_dir, load_tokenizer
-from async_rl.transport import Endpoints, LearnerServer, RateLimitedLog
+from async_rl.transport import Endpoints, LearnerServer, RateLimitedLog, load_server_keys
 from learners.advantages import estimator_from_config
-from learners.checkpoint import save_checkpoint
+from learners.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from learners.critic import TrajectoryWriter, delimiter_token_ids, records_from_groups
 from learners.evaluate import greedy_accuracy
+from learners.fsdp import ShardedTrainer
 from learners.trainer import StepParams, make_batch, train_step
 from learners.warmstart import warm_start_from_config
 from weight_sync import broadcast
@@ -88,7 +90,13 @@ class Learner:
     def __init__(self, cfg: Config, run_dir: Path, model_path: str) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
-        torch.set_num_threads(cfg.trainer.num_threads or default_threads(1 + cfg.rollout.num_actors))
+        checkpoint = _checkpoint_to_resume(self.run_dir) if cfg.learner.resume else None
+        self.resumed_from = checkpoint
+        # Each start in this run directory grants lease ids from its own range, so a group an
+        # actor made for a crashed predecessor can never pass for a lease of this learner.
+        self.incarnation = _next_incarnation(self.run_dir)
+        processes = cfg.trainer.num_devices + cfg.rollout.num_actors  # sharing this machine's cores
+        torch.set_num_threads(cfg.trainer.num_threads or default_threads(processes))
         torch.manual_seed(cfg.seed)
         self.device = torch.device(_pick_device(cfg.trainer.device))
         check_model_dir(model_path)
@@ -126,14 +134,22 @@ class Learner:
             batch_groups=cfg.trainer.batch_groups,
             max_staleness=cfg.rollout.max_staleness,
             lease_timeout_s=cfg.rollout.lease_timeout_s,
+            first_lease_id=self.incarnation << _LEASE_ID_BITS,
         )
+        self.version = 0
+        if checkpoint is not None:
+            self._restore(checkpoint)
         t = cfg.transport
+        # A resumed learner listens where its predecessor did: actors reconnect on their own.
+        ports = _previous_ports(self.run_dir, t.control_port, t.trajectory_port) if checkpoint else None
+        control_port, trajectory_port = ports or (t.control_port, t.trajectory_port)
         self.server = LearnerServer(
             t.host,
-            t.control_port,
-            t.trajectory_port,
+            control_port,
+            trajectory_port,
             high_water_mark=t.high_water_mark,
             max_message_mb=t.max_message_mb,
+            curve=load_server_keys(t.curve_keys_dir) if t.curve_keys_dir else None,
         )
         self.store = host_store(t.host, t.store_port, cfg.weight_sync.timeout_s)
         self.endpoints = Endpoints(
@@ -141,7 +157,6 @@ class Learner:
         )
         self.endpoints.save(self.run_dir / "endpoints.json")
         self.metrics = MetricsWriter(self.run_dir)
-        self.version = 0
         self.warm_start_metrics: dict[str, float] = {}
         self.epoch = -1
         self.group: SyncGroup | None = None
@@ -154,6 +169,9 @@ class Learner:
         self.held: list[_Accepted] = []  # accepted groups taken from the buffer, not trained yet
         self.stale_dropped = 0
         self.sync_buffers = broadcast.Buffers()  # reused by every weight broadcast
+        # trainer.num_devices > 1: the FSDP ranks (started in run(), after any warm start).
+        # self.model is then rank 0's full mirror, refreshed before each sync, eval and save.
+        self.sharded: ShardedTrainer | None = None
         self.actors: dict[str, float] = {}  # registered actor id -> last heard from (monotonic)
         self.buffer: queue.Queue[_Accepted] = queue.Queue()
         self.outgoing: queue.Queue[tuple[str, Message]] = queue.Queue()
@@ -171,8 +189,19 @@ class Learner:
         """Warm start, form the group, then train ``max_steps`` steps."""
         tr = self.cfg.trainer
         self._service.start()
-        if tr.warmup_sft_steps:
+        if tr.num_devices > 1:  # the other ranks load the model during the warm start
+            self.sharded = ShardedTrainer(
+                self.cfg,
+                model_path=self.model_path,
+                store=self.store,
+                store_host=self.endpoints.store_host,
+                run_dir=self.run_dir,
+                device=self.device,
+            )
+        if tr.warmup_sft_steps and self.resumed_from is None:  # a checkpoint is past the warm start
             self._warm_start()
+        if self.sharded is not None:
+            self.sharded.shard(self.model, self.version)  # every rank starts from these weights
         try:
             self._train_loop()
         except _Stopped:
@@ -186,7 +215,7 @@ class Learner:
         start = time.monotonic()
         last = {"time": start, "tokens": self.gen_tokens, "filtered": 0}
         first = {"time/weight_sync_s": sync_s} | self.warm_start_metrics | self._evaluate()
-        self._log_step(0, first, start, last)
+        self._log_step(self.version, first, start, last)  # the line before RL (or before resuming)
         while self.version < tr.max_steps and not self.stop.is_set():
             wait_start = time.monotonic()
             groups = self._next_batch()
@@ -311,6 +340,8 @@ class Learner:
 
     def _publish(self) -> float:
         """Broadcast the current weights to every member; open admission for this version."""
+        if self.sharded is not None:
+            self.sharded.gather_into(self.model, self.version)  # the sync goes out from the mirror
         params = dict(self.model.named_parameters())
         self._evict_unresponsive()
         for _ in range(_SYNC_ATTEMPTS):
@@ -360,7 +391,13 @@ class Learner:
                 self.held.append(self.buffer.get(timeout=0.1))
                 deadline = time.monotonic() + self.cfg.trainer.idle_timeout_s
             except queue.Empty:
-                if time.monotonic() > deadline:
+                if self.membership_dirty or set(self.actors) - set(self.members):
+                    # Actors that (re-)registered hold no weights and ask for no leases until
+                    # they get some: if every actor did (the learner was unreachable for a
+                    # while), the batch would never fill. Give them the current version now.
+                    self._publish()
+                    deadline = time.monotonic() + self.cfg.trainer.idle_timeout_s
+                elif time.monotonic() > deadline:
                     raise TimeoutError(
                         f"no trajectory for trainer.idle_timeout_s={self.cfg.trainer.idle_timeout_s:.0f} s "
                         f"({len(self.held)} of {b} groups buffered); are the actors alive?"
@@ -374,11 +411,16 @@ class Learner:
         groups = [a.group for a in accepted]
         batch = make_batch(groups, pad_id=self.tokenizer.pad_token_id, device=self.device)
         params = StepParams.from_config(cfg)
-        metrics: dict[str, Any] = dict(
-            train_step(
+        if self.sharded is not None:
+            step = self.sharded.train_step(
+                groups, batch, params, version=self.version, estimator=self.estimator
+            )
+        else:
+            step = train_step(
                 self.model, self.optimizer, batch, params, version=self.version, estimator=self.estimator
             )
-        )
+        metrics: dict[str, Any] = dict(step)
+        self.coordinator.trained([a.lease.lease_id for a in accepted])
         staleness = [self.version - g.min_version for g in groups]
         spans = [int(r.versions.max() - r.versions.min()) for g in groups for r in g.responses if r.length]
         metrics |= {
@@ -390,6 +432,7 @@ class Learner:
             "rollout/response_len_mean": float(batch.lengths.float().mean()),
             "rollout/truncated_frac": float(batch.truncated.float().mean()),
             "rollout/trained_leases": [a.group.lease_id for a in accepted],
+            "rollout/trained_seqs": [a.seq for a in accepted],
             "rollout/trained_staleness": staleness,
             "rollout/groups_by_actor": dict(collections.Counter(g.actor_id for g in groups)),
         }
@@ -403,6 +446,8 @@ class Learner:
     def _evaluate(self) -> dict[str, float]:
         if not self.eval_prompts:
             return {}
+        if self.sharded is not None:
+            self.sharded.gather_into(self.model, self.version)  # greedy decoding runs on the mirror
         start = time.monotonic()
         accuracy = greedy_accuracy(
             self.model,
@@ -429,6 +474,8 @@ class Learner:
             "fleet/evicted": self.evicted,
             "leases/in_flight": self.coordinator.in_flight,
             "leases/in_flight_by_actor": self.coordinator.in_flight_by_actor(),
+            "leases/buffered": self.coordinator.buffered,
+            "learner/incarnation": self.incarnation,
         } | {f"leases/{k}": v for k, v in counts.items()}
         reports, self.sync_reports = self.sync_reports, []
         if reports:
@@ -452,15 +499,49 @@ class Learner:
         last.update(time=now, tokens=self.gen_tokens, filtered=counts["filtered"])
 
     def save(self) -> Path:
-        state = {"version": self.version, "coordinator": self.coordinator.state_dict()}
+        state = {
+            "version": self.version,
+            "incarnation": self.incarnation,
+            "coordinator": self.coordinator.state_dict(),
+        }
+        optimizer: torch.optim.Optimizer | dict[str, Any] = self.optimizer
+        if self.sharded is not None:  # full state dicts, written by rank 0 (learners/fsdp.py)
+            self.sharded.gather_into(self.model, self.version)
+            optimizer = self.sharded.optimizer_state_dict()
         return save_checkpoint(
             self.run_dir,
             model=self.model,
             tokenizer=self.tokenizer,
-            optimizer=self.optimizer,
+            optimizer=optimizer,
             state=state,
             tensors={"estimator": self.estimator.state_dict()},
         )
+
+    def _restore(self, checkpoint: Path) -> None:
+        """Model, optimizer, estimator, version and coordinator state from ``checkpoint``. The
+        leases in flight then, and the accepted groups not trained yet, are leased again."""
+        state, tensors = load_checkpoint(
+            checkpoint, model=self.model, optimizer=self.optimizer, device=self.device
+        )
+        self.estimator.load_state_dict(tensors.get("estimator", {}))
+        self.version = int(state["version"])
+        self.coordinator.load_state_dict(state["coordinator"])
+        ledger = self.coordinator.accounting()
+        logger.info(
+            "resumed from %s at v%d (learner incarnation %d): %d leases granted so far, %d trained, "
+            "%d re-issued; lease ids now start at %d",
+            checkpoint,
+            self.version,
+            self.incarnation,
+            ledger["granted"],
+            ledger["trained"],
+            ledger["reissued"],
+            self.incarnation << _LEASE_ID_BITS,
+        )
+
+    def _write_accounting(self) -> None:
+        ledger = self.coordinator.accounting() | {"version": self.version, "incarnation": self.incarnation}
+        write_accounting(self.run_dir, ledger)
 
     def close(self) -> None:
         """Tell every actor to stop, flush, and release sockets, group and store."""
@@ -475,7 +556,10 @@ class Learner:
             self._service.join(timeout=5.0)
         if self.group is not None:
             self.group.close()
+        if self.sharded is not None:
+            self.sharded.close()
         self.server.close()
+        self._write_accounting()
         self.metrics.close()
         if self.trajectories is not None:
             self.trajectories.close()
@@ -508,7 +592,11 @@ class Learner:
             case Register():
                 if msg.schema_version != SCHEMA_VERSION:
                     self.server.send(
-                        actor_id, Rejected(f"schema {msg.schema_version}, learner speaks {SCHEMA_VERSION}")
+                        actor_id,
+                        Rejected(
+                            f"the actor speaks wire schema {msg.schema_version}, the learner "
+                            f"{SCHEMA_VERSION}: run the same async-rl version on both"
+                        ),
                     )
                     return
                 if self.actors.pop(actor_id, None) is not None or actor_id in self.members:
@@ -540,6 +628,9 @@ class Learner:
                     return  # an evicted actor that has not heard its Bye yet
                 self.actors[actor_id] = time.monotonic()
                 self.coordinator.renew(actor_id)
+                # The answer (an empty Ack) tells the actor the learner is alive; one that hears
+                # nothing for transport.learner_timeout_s reconnects and registers again.
+                self.server.send(actor_id, Ack([]))
             case SyncDone() if actor_id in self.actors:
                 self.actors[actor_id] = time.monotonic()
                 pending = self.sync_pending.get(actor_id)
@@ -568,6 +659,15 @@ class Learner:
                 type(msg).__name__,
                 self.rejected,
             )
+            return
+        if self.coordinator.lease_of(msg.lease_id) is None:
+            # Not a live lease: a resend of a group already received, a group whose lease expired
+            # and was re-issued, or one made for a learner before a restart (its versions may
+            # name weights that no longer exist, so it is not even checked). Dropped and counted;
+            # acknowledged so that the actor stops sending it.
+            outcome = self.coordinator.finish(msg.lease_id, accepted=False)
+            logger.debug("dropped group for lease %d from %s: %s", msg.lease_id, msg.actor_id[:64], outcome)
+            self.server.send(msg.actor_id, Ack([msg.lease_id]))
             return
         try:
             check_group(
@@ -600,6 +700,30 @@ class Learner:
         self.server.send(msg.actor_id, Ack([msg.lease_id]))
 
 
+def write_accounting(run_dir: Path, ledger: dict[str, Any]) -> None:
+    """Write the lease ledger (``Coordinator.accounting``) to ``accounting.json`` and log it
+    on one line: at INFO when every lease ended exactly once, as an ERROR naming the counts
+    when not."""
+    tmp = run_dir / "accounting.json.tmp"
+    tmp.write_text(json.dumps(ledger, indent=1))
+    tmp.replace(run_dir / "accounting.json")
+    summary = (
+        f"granted {ledger['granted']} = trained {ledger['trained']} + buffered {ledger['buffered']} + "
+        f"filtered {ledger['filtered']} + reissued {ledger['reissued']} + stale {ledger['stale']} + "
+        f"in flight {ledger['in_flight']}; duplicates dropped {ledger['duplicates_dropped']}"
+    )
+    if ledger["ok"]:
+        logger.info("lease accounting holds: %s", summary)
+    else:
+        logger.error(
+            "lease accounting VIOLATED: %s is false (the right side sums to %d; accepted %d should "
+            "equal trained + buffered)",
+            summary,
+            ledger["accounted"],
+            ledger["accepted"],
+        )
+
+
 def _pick_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -614,3 +738,45 @@ def _backend(choice: SyncBackend, device: torch.device) -> str:
             return "nccl" if device.type == "cuda" else "gloo"
         case SyncBackend.GLOO | SyncBackend.NCCL:
             return choice.value
+
+
+# Lease ids of learner incarnation k are k * 2**32 + 0, 1, ...: 4 billion leases per start,
+# and room for 2**30 restarts within the wire schema's 2**62 bound.
+_LEASE_ID_BITS = 32
+_INCARNATION_FILE = "learner_incarnation"
+
+
+def _checkpoint_to_resume(run_dir: Path) -> Path:
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        raise FileNotFoundError(
+            f"learner.resume=true but {run_dir / 'checkpoints'} holds no checkpoint; give the run_dir= "
+            "of a run that saved one (trainer.checkpoint_every=N saves every N steps), or start "
+            "afresh without learner.resume"
+        )
+    return checkpoint
+
+
+def _next_incarnation(run_dir: Path) -> int:
+    """How many learners started in ``run_dir`` before this one (recorded there)."""
+    path = run_dir / _INCARNATION_FILE
+    try:
+        incarnation = int(path.read_text()) + 1
+    except (FileNotFoundError, ValueError):
+        incarnation = 0
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(f"{incarnation}\n")
+    tmp.replace(path)
+    return incarnation
+
+
+def _previous_ports(run_dir: Path, control_port: int, trajectory_port: int) -> tuple[int, int] | None:
+    """The ports of the previous learner in ``run_dir`` (endpoints.json), unless set explicitly."""
+    if control_port or trajectory_port:
+        return None
+    try:
+        previous = Endpoints.load(run_dir / "endpoints.json")
+        return int(previous.control.rsplit(":", 1)[1]), int(previous.trajectory.rsplit(":", 1)[1])
+    except (FileNotFoundError, ValueError, IndexError):
+        logger.warning("no usable endpoints.json in %s; the resumed learner takes new ports", run_dir)
+        return None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import msgpack
 import numpy as np
 import pytest
@@ -13,6 +15,8 @@ from async_rl.schema import (
     FinishReason,
     Lease,
     LeaseGrant,
+    Register,
+    Rejected,
     Response,
     SchemaError,
     TrajectoryGroup,
@@ -167,12 +171,18 @@ def test_duplicates_and_expiry_end_each_lease_once() -> None:
     assert c.counts == {
         "granted": 3,
         "accepted": 1,
+        "trained": 0,
         "filtered": 0,
         "reissued": 1,
+        "stale": 0,
         "duplicates": 1,
         "late": 1,
-        "stale": 0,
+        "unknown": 1,
+        "duplicates_dropped": 3,
     }
+    # 3 granted = 0 trained + 1 buffered + 0 filtered + 1 re-issued + 0 stale + 1 in flight.
+    ledger = c.accounting()
+    assert (ledger["buffered"], ledger["in_flight"], ledger["accounted"], ledger["ok"]) == (1, 1, 3, True)
 
 
 def test_release_reissues_a_departed_actors_leases() -> None:
@@ -195,3 +205,59 @@ def test_a_stale_accepted_group_frees_its_slot_and_its_prompt_is_leased_again() 
     (again,) = c.grant("a", 100)
     assert (again.seq, again.prompt_id) == (first[0].seq, first[0].prompt_id)
     assert again.lease_id != first[0].lease_id
+
+
+def test_trained_groups_close_the_ledger_and_a_second_training_is_refused() -> None:
+    c = _coordinator(staleness=1)
+    leases = c.grant("a", 4)
+    for lease in leases[:3]:
+        assert c.finish(lease.lease_id, accepted=True) is Outcome.ACCEPTED
+    c.trained([leases[0].lease_id, leases[1].lease_id])
+    ledger = c.accounting()
+    # 4 granted = 2 trained + 1 buffered + 1 in flight.
+    assert (ledger["trained"], ledger["buffered"], ledger["in_flight"], ledger["ok"]) == (2, 1, 1, True)
+    with pytest.raises(RuntimeError, match="not an accepted, untrained group"):
+        c.trained([leases[0].lease_id])
+
+
+def test_restore_reissues_in_flight_and_buffered_leases_under_ids_of_a_new_range() -> None:
+    c = _coordinator(staleness=1)
+    leases = c.grant("a", 6)  # ids 0..5, seqs 0..5
+    for lease in leases[:4]:
+        c.finish(lease.lease_id, accepted=True)
+    c.trained([0, 1])  # leases 2 and 3 stay accepted but untrained (buffered)
+    c.finish(leases[4].lease_id, accepted=False)  # filtered; lease 5 stays in flight
+    state = json.loads(json.dumps(c.state_dict()))  # checkpoints are JSON
+    restored = Coordinator(
+        PromptSource([Prompt(i, f"q{i}", str(i)) for i in range(100)], seed=0),
+        batch_groups=4,
+        max_staleness=1,
+        lease_timeout_s=10.0,
+        clock=_Clock(),
+        first_lease_id=1 << 32,
+    )
+    restored.load_state_dict(state)
+    ledger = restored.accounting()
+    # Buffered leases 2, 3 and in-flight lease 5 end as re-issued: 6 = 2 + 1 + 3.
+    assert (ledger["granted"], ledger["trained"], ledger["filtered"], ledger["reissued"]) == (6, 2, 1, 3)
+    assert (ledger["accepted"], ledger["buffered"], ledger["in_flight"], ledger["ok"]) == (2, 0, 0, True)
+    # Re-issued first, in draw order, then new draws; ids from the new range.
+    again = restored.grant("b", 4)
+    assert [lease.seq for lease in again] == [2, 3, 5, 6]
+    assert [lease.lease_id for lease in again] == [(1 << 32) + i for i in range(4)]
+    # A group generated for the crashed learner's lease 5 is dropped, not trained.
+    assert restored.finish(5, accepted=True) is Outcome.UNKNOWN
+    assert restored.counts["duplicates_dropped"] == 1 and restored.accounting()["ok"]
+
+
+def test_register_and_rejected_decode_across_schema_versions() -> None:
+    # A peer of another version must still reach the learner's Register handler and read
+    # the Rejected answer; every other kind from it stays malformed.
+    other = SCHEMA_VERSION + 1
+    register = msgpack.packb(
+        {"v": other, "k": "register", "actor_id": "a0", "schema_version": other, "pid": 7, "hostname": "h"}
+    )
+    assert decode(register) == Register("a0", other, 7, "h")
+    assert decode(msgpack.packb({"v": other, "k": "rejected", "reason": "why"})) == Rejected("why")
+    with pytest.raises(SchemaError, match="schema version"):
+        decode(msgpack.packb({"v": other, "k": "wait", "retry_after_s": 1.0, "reason": ""}))

@@ -3,6 +3,7 @@ hang, come back and join late. The learner keeps stepping, no lease is lost or t
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -11,6 +12,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -129,6 +131,20 @@ def _check_accounting(rows: list[dict]) -> None:
     assert last["leases/duplicates"] == 0
 
 
+def _check_ledger(run_dir: Path) -> dict[str, Any]:
+    """accounting.json, written by the stopping learner, states the exactly-once invariant."""
+    ledger = json.loads((run_dir / "accounting.json").read_text())
+    ended = ledger["trained"] + ledger["buffered"] + ledger["filtered"] + ledger["reissued"] + ledger["stale"]
+    assert ledger["ok"] is True, ledger
+    assert ended + ledger["in_flight"] == ledger["granted"], ledger
+    assert ledger["accepted"] == ledger["trained"] + ledger["buffered"], ledger
+    drops = ledger["duplicates"] + ledger["late"] + ledger["unknown"]
+    assert ledger["duplicates_dropped"] == drops, ledger
+    assert ledger["trained"] == 4 * ledger["version"]  # trainer.batch_groups per step
+    return ledger
+
+
+@pytest.mark.faults
 def test_sigkill_an_actor_then_a_third_joins(fleet: _Fleet) -> None:
     fleet.start_actor("a0")
     victim = fleet.start_actor("a1")
@@ -153,6 +169,7 @@ def test_sigkill_an_actor_then_a_third_joins(fleet: _Fleet) -> None:
     )
     rows = _finish(fleet)
     _check_accounting(rows)
+    _check_ledger(fleet.run_dir)
     # The lease a1 was generating when it died went back to the pool.
     match = re.search(r"evicted actor a1: .*; (\d+) leases re-issued", fleet.log())
     assert match is not None and int(match.group(1)) >= 1
@@ -164,6 +181,7 @@ def test_sigkill_an_actor_then_a_third_joins(fleet: _Fleet) -> None:
     assert rows[-1]["fleet/epoch"] >= 2
 
 
+@pytest.mark.faults
 def test_sigstop_during_sync_is_evicted_and_comes_back(fleet: _Fleet) -> None:
     fleet.start_actor("a0")
     sleeper = fleet.start_actor("a1")
@@ -184,4 +202,5 @@ def test_sigstop_during_sync_is_evicted_and_comes_back(fleet: _Fleet) -> None:
     )
     rows = _finish(fleet)
     _check_accounting(rows)
+    _check_ledger(fleet.run_dir)
     assert rows[-1]["fleet/evicted"] >= 1

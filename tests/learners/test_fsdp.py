@@ -179,3 +179,23 @@ def _initial_weights(model_dir: Path) -> dict[str, torch.Tensor]:
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     return {n: p.detach() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "names"),
+    [
+        (["trainer.num_devices=0"], "trainer.num_devices=0"),
+        (
+            ["trainer.num_devices=2", "trainer.batch_groups=3", "trainer.mini_batches=2"],
+            "trainer.batch_groups=3",
+        ),
+        (["trainer.num_devices=2", "trainer.device=cuda:1"], "trainer.device=cuda:1"),
+        (["trainer.num_devices=2", "learner.resume=true"], "learner.resume"),
+    ],
+)
+def test_num_devices_settings_are_checked(overrides: list[str], names: str) -> None:
+    from async_rl.config import compose
+
+    with pytest.raises(ValueError, match=names.replace(".", r"\.")):
+        compose("train", overrides)
+    assert compose("train", ["trainer.num_devices=2", "trainer.batch_groups=4", "trainer.mini_batches=2"])
