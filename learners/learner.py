@@ -2,9 +2,10 @@
 
 Two threads:
 
-* the service thread owns the ZMQ sockets. It answers registrations and lease requests
-  (admission control in ``Coordinator``), validates arriving groups, applies the dynamic
-  sampling filter, acknowledges, and buffers accepted groups in arrival order;
+* the service thread owns the ZMQ sockets (``learners/service.py``). It answers
+  registrations and lease requests (admission control in ``Coordinator``), validates
+  arriving groups, applies the dynamic sampling filter, acknowledges, and buffers accepted
+  groups in arrival order;
 * the main thread trains: it takes ``batch_groups`` groups in order, runs one step,
   bumps the version and broadcasts the weights every ``sync_every`` steps.
 
@@ -15,48 +16,41 @@ service thread drains, so exactly one thread ever touches a socket.
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from async_rl.config import Config, SyncBackend, default_threads, to_dict
-from async_rl.coordinator import Coordinator, Outcome
+from async_rl.config import Config, SyncBackend, default_threads
+from async_rl.coordinator import Coordinator
 from async_rl.data import PromptSource, build_datasets
 from async_rl.metrics import MetricsWriter
 from async_rl.schema import (
     EVICTED,
-    SCHEMA_VERSION,
-    Ack,
     Bye,
-    Heartbeat,
     JoinGroup,
-    Lease,
-    LeaseGrant,
-    LeaseRequest,
     Message,
-    Register,
-    Registered,
-    Rejected,
-    SchemaError,
     SyncDone,
-    TrajectoryGroup,
-    Wait,
-    check_group,
 )
 from async_rl.text import check_model_dir, load_tokenizer
 from async_rl.transport import Endpoints, LearnerServer, RateLimitedLog, load_server_keys
 from learners.advantages import estimator_from_config
-from learners.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from learners.checkpoint import load_checkpoint, save_checkpoint
 from learners.critic import TrajectoryWriter, delimiter_token_ids, records_from_groups
 from learners.evaluate import greedy_accuracy
 from learners.fsdp import ShardedTrainer
+from learners.restart import (
+    LEASE_ID_BITS,
+    checkpoint_to_resume,
+    next_incarnation,
+    previous_ports,
+    write_accounting,
+)
+from learners.service import Accepted, Service
 from learners.trainer import StepParams, make_batch, train_step
 from learners.warmstart import warm_start_from_config
 from weight_sync import broadcast
@@ -65,9 +59,6 @@ from weight_sync.group import form as form_group
 
 logger = logging.getLogger(__name__)
 
-# How long an actor told to wait should wait before asking again: short, so a freed
-# slot is refilled within a few decode steps.
-_RETRY_AFTER_S = 0.02
 # Weight broadcasts tried (evicting whoever failed in between) before the learner gives up.
 _SYNC_ATTEMPTS = 5
 
@@ -76,25 +67,15 @@ class _Stopped(Exception):
     """The learner was asked to stop while waiting (for actors or a group)."""
 
 
-@dataclass
-class _Accepted:
-    lease: Lease
-    group: TrajectoryGroup
-
-    @property
-    def seq(self) -> int:
-        return self.lease.seq
-
-
-class Learner:
+class Learner(Service):
     def __init__(self, cfg: Config, run_dir: Path, model_path: str) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
-        checkpoint = _checkpoint_to_resume(self.run_dir) if cfg.learner.resume else None
+        checkpoint = checkpoint_to_resume(self.run_dir) if cfg.learner.resume else None
         self.resumed_from = checkpoint
         # Each start in this run directory grants lease ids from its own range, so a group an
         # actor made for a crashed predecessor can never pass for a lease of this learner.
-        self.incarnation = _next_incarnation(self.run_dir)
+        self.incarnation = next_incarnation(self.run_dir)
         processes = cfg.trainer.num_devices + cfg.rollout.num_actors  # sharing this machine's cores
         torch.set_num_threads(cfg.trainer.num_threads or default_threads(processes))
         torch.manual_seed(cfg.seed)
@@ -134,14 +115,14 @@ class Learner:
             batch_groups=cfg.trainer.batch_groups,
             max_staleness=cfg.rollout.max_staleness,
             lease_timeout_s=cfg.rollout.lease_timeout_s,
-            first_lease_id=self.incarnation << _LEASE_ID_BITS,
+            first_lease_id=self.incarnation << LEASE_ID_BITS,
         )
         self.version = 0
         if checkpoint is not None:
             self._restore(checkpoint)
         t = cfg.transport
         # A resumed learner listens where its predecessor did: actors reconnect on their own.
-        ports = _previous_ports(self.run_dir, t.control_port, t.trajectory_port) if checkpoint else None
+        ports = previous_ports(self.run_dir, t.control_port, t.trajectory_port) if checkpoint else None
         control_port, trajectory_port = ports or (t.control_port, t.trajectory_port)
         self.server = LearnerServer(
             t.host,
@@ -166,14 +147,14 @@ class Learner:
         self.sync_pending: dict[str, tuple[int, float]] = {}  # member -> (version, sent at), un-acked
         self.sync_reports: list[SyncDone] = []  # since the last metrics line
         self.evicted = 0
-        self.held: list[_Accepted] = []  # accepted groups taken from the buffer, not trained yet
+        self.held: list[Accepted] = []  # accepted groups taken from the buffer, not trained yet
         self.stale_dropped = 0
         self.sync_buffers = broadcast.Buffers()  # reused by every weight broadcast
         # trainer.num_devices > 1: the FSDP ranks (started in run(), after any warm start).
         # self.model is then rank 0's full mirror, refreshed before each sync, eval and save.
         self.sharded: ShardedTrainer | None = None
         self.actors: dict[str, float] = {}  # registered actor id -> last heard from (monotonic)
-        self.buffer: queue.Queue[_Accepted] = queue.Queue()
+        self.buffer: queue.Queue[Accepted] = queue.Queue()
         self.outgoing: queue.Queue[tuple[str, Message]] = queue.Queue()
         self.stop = threading.Event()  # set by a signal: finish the step in hand and save
         self._closing = threading.Event()  # set by close(): the service thread exits
@@ -364,7 +345,7 @@ class Learner:
             return seconds
         raise RuntimeError(f"the weight broadcast failed {_SYNC_ATTEMPTS} times in a row; see the log")
 
-    def _next_batch(self) -> list[_Accepted] | None:
+    def _next_batch(self) -> list[Accepted] | None:
         """The next ``batch_groups`` accepted groups, oldest policy first, sorted by draw for a
         batch layout that does not depend on timing. None if stopped.
 
@@ -406,7 +387,7 @@ class Learner:
         batch, self.held = self.held[:b], self.held[b:]
         return sorted(batch, key=lambda a: a.seq)
 
-    def _train(self, accepted: list[_Accepted]) -> dict[str, Any]:
+    def _train(self, accepted: list[Accepted]) -> dict[str, Any]:
         cfg = self.cfg
         groups = [a.group for a in accepted]
         batch = make_batch(groups, pad_id=self.tokenizer.pad_token_id, device=self.device)
@@ -536,7 +517,7 @@ class Learner:
             ledger["granted"],
             ledger["trained"],
             ledger["reissued"],
-            self.incarnation << _LEASE_ID_BITS,
+            self.incarnation << LEASE_ID_BITS,
         )
 
     def _write_accounting(self) -> None:
@@ -564,165 +545,6 @@ class Learner:
         if self.trajectories is not None:
             self.trajectories.close()
 
-    # ------------------------------------------------------------------ service thread
-
-    def _serve(self) -> None:
-        next_expire = 0.0
-        # Runs until close(), not until stop: a stopping main thread may still be finishing a
-        # weight sync whose header this thread must deliver.
-        while not self._closing.is_set():
-            control, trajectories = self.server.poll(0.01)
-            for actor_id, msg in control:
-                self._on_control(actor_id, msg)
-            for msg in trajectories:
-                self._on_trajectory(msg)
-            while True:
-                try:
-                    actor_id, out = self.outgoing.get_nowait()
-                except queue.Empty:
-                    break
-                self.server.send(actor_id, out)
-            if time.monotonic() >= next_expire:
-                if n := self.coordinator.expire():
-                    logger.warning("%d leases expired (rollout.lease_timeout_s); re-issued", n)
-                next_expire = time.monotonic() + 1.0
-
-    def _on_control(self, actor_id: str, msg: Message) -> None:
-        match msg:
-            case Register():
-                if msg.schema_version != SCHEMA_VERSION:
-                    self.server.send(
-                        actor_id,
-                        Rejected(
-                            f"the actor speaks wire schema {msg.schema_version}, the learner "
-                            f"{SCHEMA_VERSION}: run the same async-rl version on both"
-                        ),
-                    )
-                    return
-                if self.actors.pop(actor_id, None) is not None or actor_id in self.members:
-                    # A new incarnation (restarted, or back after eviction): whatever the old
-                    # one held is re-issued, and it must join the group afresh.
-                    self.coordinator.release(actor_id)
-                    self.membership_dirty = True
-                # It joins the fleet with its first heartbeat, once its engine is loaded, so a
-                # slow start never counts against the weight-sync deadline.
-                self.registered.add(actor_id)
-                logger.info("actor %s registered (pid %d on %s)", actor_id[:64], msg.pid, msg.hostname[:64])
-                self.server.send(
-                    actor_id,
-                    Registered(
-                        actor_id, self.version, to_dict(self.cfg), self.model_path, self.endpoints.trajectory
-                    ),
-                )
-            case LeaseRequest(n=n) if actor_id in self.actors:
-                self.actors[actor_id] = time.monotonic()
-                leases = self.coordinator.grant(actor_id, n, msg.engine_version)
-                reply: Message = LeaseGrant(leases) if leases else Wait(_RETRY_AFTER_S, "admission control")
-                self.server.send(actor_id, reply)
-            case Heartbeat():
-                if actor_id in self.registered:
-                    self.registered.discard(actor_id)
-                    self.actors[actor_id] = time.monotonic()
-                    logger.info("actor %s is ready (%d in the fleet)", actor_id[:64], len(self.actors))
-                elif actor_id not in self.actors:
-                    return  # an evicted actor that has not heard its Bye yet
-                self.actors[actor_id] = time.monotonic()
-                self.coordinator.renew(actor_id)
-                # The answer (an empty Ack) tells the actor the learner is alive; one that hears
-                # nothing for transport.learner_timeout_s reconnects and registers again.
-                self.server.send(actor_id, Ack([]))
-            case SyncDone() if actor_id in self.actors:
-                self.actors[actor_id] = time.monotonic()
-                pending = self.sync_pending.get(actor_id)
-                if pending is not None and msg.version >= pending[0]:
-                    self.sync_pending.pop(actor_id, None)
-                self.sync_reports.append(msg)
-            case Bye():
-                self.registered.discard(actor_id)
-                self.actors.pop(actor_id, None)
-                if n := self.coordinator.release(actor_id):
-                    logger.info("actor %s left; %d of its leases re-issued", actor_id, n)
-            case _:
-                self.rejected += 1
-                self._bad_input.warning(
-                    "unexpected %s from %r (%d rejected so far)",
-                    type(msg).__name__,
-                    actor_id[:64],
-                    self.rejected,
-                )
-
-    def _on_trajectory(self, msg: Message) -> None:
-        if not isinstance(msg, TrajectoryGroup):
-            self.rejected += 1
-            self._bad_input.warning(
-                "unexpected %s on the trajectory channel (%d rejected so far)",
-                type(msg).__name__,
-                self.rejected,
-            )
-            return
-        if self.coordinator.lease_of(msg.lease_id) is None:
-            # Not a live lease: a resend of a group already received, a group whose lease expired
-            # and was re-issued, or one made for a learner before a restart (its versions may
-            # name weights that no longer exist, so it is not even checked). Dropped and counted;
-            # acknowledged so that the actor stops sending it.
-            outcome = self.coordinator.finish(msg.lease_id, accepted=False)
-            logger.debug("dropped group for lease %d from %s: %s", msg.lease_id, msg.actor_id[:64], outcome)
-            self.server.send(msg.actor_id, Ack([msg.lease_id]))
-            return
-        try:
-            check_group(
-                msg,
-                vocab_size=self.model.config.vocab_size,
-                max_version=self.version,
-                group_size=self.cfg.rollout.group_size,
-                max_response_tokens=self.cfg.rollout.max_new_tokens,
-            )
-        except SchemaError as err:
-            self.rejected += 1
-            self._bad_input.warning(
-                "rejected group for lease %d from %s: %s (%d rejected so far)",
-                msg.lease_id,
-                msg.actor_id[:64],
-                err,
-                self.rejected,
-            )
-            return
-        rewards = [r.reward for r in msg.responses]
-        # Dynamic sampling: a group whose rewards are all equal has zero advantage everywhere.
-        informative = not self.filter_groups or max(rewards) > min(rewards)
-        lease = self.coordinator.lease_of(msg.lease_id)
-        outcome = self.coordinator.finish(msg.lease_id, accepted=informative)
-        if outcome in (Outcome.ACCEPTED, Outcome.FILTERED):
-            self.gen_tokens += sum(r.length for r in msg.responses)
-        if outcome is Outcome.ACCEPTED:
-            assert lease is not None
-            self.buffer.put(_Accepted(lease, msg))
-        self.server.send(msg.actor_id, Ack([msg.lease_id]))
-
-
-def write_accounting(run_dir: Path, ledger: dict[str, Any]) -> None:
-    """Write the lease ledger (``Coordinator.accounting``) to ``accounting.json`` and log it
-    on one line: at INFO when every lease ended exactly once, as an ERROR naming the counts
-    when not."""
-    tmp = run_dir / "accounting.json.tmp"
-    tmp.write_text(json.dumps(ledger, indent=1))
-    tmp.replace(run_dir / "accounting.json")
-    summary = (
-        f"granted {ledger['granted']} = trained {ledger['trained']} + buffered {ledger['buffered']} + "
-        f"filtered {ledger['filtered']} + reissued {ledger['reissued']} + stale {ledger['stale']} + "
-        f"in flight {ledger['in_flight']}; duplicates dropped {ledger['duplicates_dropped']}"
-    )
-    if ledger["ok"]:
-        logger.info("lease accounting holds: %s", summary)
-    else:
-        logger.error(
-            "lease accounting VIOLATED: %s is false (the right side sums to %d; accepted %d should "
-            "equal trained + buffered)",
-            summary,
-            ledger["accounted"],
-            ledger["accepted"],
-        )
-
 
 def _pick_device(device: str) -> str:
     if device == "auto":
@@ -738,45 +560,3 @@ def _backend(choice: SyncBackend, device: torch.device) -> str:
             return "nccl" if device.type == "cuda" else "gloo"
         case SyncBackend.GLOO | SyncBackend.NCCL:
             return choice.value
-
-
-# Lease ids of learner incarnation k are k * 2**32 + 0, 1, ...: 4 billion leases per start,
-# and room for 2**30 restarts within the wire schema's 2**62 bound.
-_LEASE_ID_BITS = 32
-_INCARNATION_FILE = "learner_incarnation"
-
-
-def _checkpoint_to_resume(run_dir: Path) -> Path:
-    checkpoint = latest_checkpoint(run_dir)
-    if checkpoint is None:
-        raise FileNotFoundError(
-            f"learner.resume=true but {run_dir / 'checkpoints'} holds no checkpoint; give the run_dir= "
-            "of a run that saved one (trainer.checkpoint_every=N saves every N steps), or start "
-            "afresh without learner.resume"
-        )
-    return checkpoint
-
-
-def _next_incarnation(run_dir: Path) -> int:
-    """How many learners started in ``run_dir`` before this one (recorded there)."""
-    path = run_dir / _INCARNATION_FILE
-    try:
-        incarnation = int(path.read_text()) + 1
-    except (FileNotFoundError, ValueError):
-        incarnation = 0
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(f"{incarnation}\n")
-    tmp.replace(path)
-    return incarnation
-
-
-def _previous_ports(run_dir: Path, control_port: int, trajectory_port: int) -> tuple[int, int] | None:
-    """The ports of the previous learner in ``run_dir`` (endpoints.json), unless set explicitly."""
-    if control_port or trajectory_port:
-        return None
-    try:
-        previous = Endpoints.load(run_dir / "endpoints.json")
-        return int(previous.control.rsplit(":", 1)[1]), int(previous.trajectory.rsplit(":", 1)[1])
-    except (FileNotFoundError, ValueError, IndexError):
-        logger.warning("no usable endpoints.json in %s; the resumed learner takes new ports", run_dir)
-        return None

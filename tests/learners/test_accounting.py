@@ -10,7 +10,7 @@ import pytest
 
 from async_rl.coordinator import Coordinator
 from async_rl.data import Prompt, PromptSource
-from learners.learner import write_accounting
+from learners.restart import write_accounting
 
 
 def _coordinator() -> Coordinator:
@@ -29,7 +29,7 @@ def test_a_consistent_ledger_is_written_and_logged_at_info(
     c.finish(leases[2].lease_id, accepted=False)
     c.release("a")  # lease 3 re-issued
     c.finish(leases[0].lease_id, accepted=True)  # a resend: dropped
-    with caplog.at_level(logging.INFO, logger="learners.learner"):
+    with caplog.at_level(logging.INFO, logger="learners.restart"):
         write_accounting(tmp_path, c.accounting())
     ledger = json.loads((tmp_path / "accounting.json").read_text())
     assert {k: ledger[k] for k in ("granted", "trained", "filtered", "reissued", "duplicates_dropped")} == {
@@ -52,7 +52,7 @@ def test_a_violated_ledger_is_an_error_naming_the_counts(
     c = _coordinator()
     c.grant("a", 3)
     c.counts["granted"] += 1  # a lease granted without a trace: the books do not balance
-    with caplog.at_level(logging.INFO, logger="learners.learner"):
+    with caplog.at_level(logging.INFO, logger="learners.restart"):
         write_accounting(tmp_path, c.accounting())
     assert json.loads((tmp_path / "accounting.json").read_text())["ok"] is False
     (record,) = caplog.records
