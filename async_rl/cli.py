@@ -15,7 +15,8 @@ import argparse
 import logging
 import os
 import sys
-from pathlib import Path
+
+from async_rl.logs import setup_logging
 
 logger = logging.getLogger("async_rl")
 
@@ -116,28 +117,6 @@ def _keys(options: list[str]) -> int:
         "server.key, client.key and client.key_secret (never server.key_secret)"
     )
     return 0
-
-
-def setup_logging(level: str, log_file: Path | None = None) -> None:
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if log_file is not None:
-        handlers.append(logging.FileHandler(log_file))
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname).1s %(processName)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        handlers=handlers,
-        force=True,
-    )
-    # Library progress bars and advisory warnings would drown the run's own output.
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched from a hub
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
 
 
 def _actor_options(options: list[str]) -> dict[str, str]:

@@ -71,7 +71,7 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def learner(overrides: list[str]) -> int:
     """``async-rl learner``: run the learner in this process until max_steps or a signal."""
-    from async_rl.cli import setup_logging
+    from async_rl.logs import setup_logging
 
     cfg = compose("train", overrides)
     run_dir = make_run_dir(cfg)
@@ -106,7 +106,7 @@ def resolve_model(cfg: Config) -> str:
 
 def train(overrides: list[str]) -> int:
     """``async-rl train``: the learner and ``rollout.num_actors`` actors as processes."""
-    from async_rl.cli import setup_logging
+    from async_rl.logs import setup_logging
 
     cfg = compose("train", overrides)
     setup_logging(cfg.log_level)

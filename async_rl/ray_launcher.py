@@ -53,7 +53,7 @@ class _Roles:
 
 def launch(overrides: list[str]) -> int:
     """``async-rl launch``: place and run the roles on Ray until the learner is done."""
-    from async_rl.cli import setup_logging
+    from async_rl.logs import setup_logging
 
     cfg = compose("train", overrides)
     setup_logging(cfg.log_level)
@@ -323,7 +323,7 @@ class _ActorRole:
     def run(self, learner: str, device: str, threads: int, keys_dir: str = "") -> str:
         import ray
 
-        from async_rl.cli import setup_logging
+        from async_rl.logs import setup_logging
 
         actor_id = f"actor-{self.index}"
         self.run_dir.mkdir(parents=True, exist_ok=True)

@@ -53,6 +53,7 @@ import torch
 import torch.distributed as dist
 
 from async_rl.config import Config, default_threads, from_dict, to_dict
+from async_rl.logs import setup_logging
 from async_rl.schema import SchemaError, TrajectoryGroup, decode, encode
 from learners.advantages import AdvantageEstimator
 from learners.loss import policy_loss
@@ -428,7 +429,7 @@ def worker_main(argv: list[str] | None = None) -> int:
     host, port = args.store.rsplit(":", 1)
     store = dist.PrefixStore(_PREFIX, connect_store(host, int(port), args.timeout_s))
     cfg = from_dict(json.loads(store.get("config")))
-    _setup_logging(cfg.log_level, args.run_dir / f"learner-rank{args.rank}.log")
+    setup_logging(cfg.log_level, args.run_dir / f"learner-rank{args.rank}.log")
     model_path = store.get("model_path").decode()
     device = _rank_device(_pick_device_type(cfg.trainer.device), args.rank)
     tr = cfg.trainer
@@ -464,19 +465,6 @@ def worker_main(argv: list[str] | None = None) -> int:
     finally:
         dist.destroy_process_group()
     return 0
-
-
-def _setup_logging(level: str, log_file: Path) -> None:
-    """As ``async_rl.cli.setup_logging`` (which learners may not import: the CLI starts actors):
-    stderr, which rank 0's output is, and a log file of this rank."""
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr), logging.FileHandler(log_file)]
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname).1s %(processName)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        handlers=handlers,
-        force=True,
-    )  # the environment the CLI sets for transformers (quiet, offline) is inherited from rank 0
 
 
 def _next_command(store: dist.Store, n: int, parent: int) -> str:

@@ -14,7 +14,8 @@ import torch
 
 from async_rl.config import Config
 from async_rl.schema import FinishReason, TrajectoryGroup
-from learners.advantages import AdvantageEstimator, AdvantageInputs, mean_pool
+from learners.advantages import AdvantageEstimator, AdvantageInputs
+from learners.baselines import mean_pool
 from learners.loss import overlong_penalty, policy_loss
 
 

@@ -286,8 +286,8 @@ def _workload(cfg: BenchRootConfig) -> dict[str, Any]:
 def bench(overrides: list[str]) -> int:
     """``async-rl bench``: run every phase with a progress bar; write bench.json/md/png."""
     from async_rl.bench.report import write_outputs
-    from async_rl.cli import setup_logging
     from async_rl.launcher import make_run_dir, write_config
+    from async_rl.logs import setup_logging
 
     cfg = compose_bench(overrides)
     run_dir = make_run_dir(cfg)

@@ -23,12 +23,10 @@ from learners.advantages import (
     AdvantageKind,
     BasisEstimator,
     KernelEstimator,
-    empirical_bayes_shrinkage,
     make_estimator,
-    mean_pool,
-    parse_bandwidth,
     zero_variance_filter_applies,
 )
+from learners.baselines import empirical_bayes_shrinkage, mean_pool, parse_bandwidth
 
 
 @pytest.fixture(autouse=True, scope="module")
