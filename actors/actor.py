@@ -8,6 +8,9 @@ in-flight sequence with them (each token keeps the version that sampled it).
 In sync mode (max_staleness 0) it asks for leases only when the engine is empty and every
 group it sent has been acknowledged: generation waits while the learner trains, and
 each batch is one deterministic wave.
+
+Nothing waits for an answer for ever: a lease request unanswered for
+``transport.request_timeout_s`` is sent again, and so is a group unacknowledged that long.
 """
 
 from __future__ import annotations
@@ -89,7 +92,9 @@ class Actor:
         self.has_weights = False
         self.pending: dict[int, _Pending] = {}
         self.outbox: dict[int, TrajectoryGroup] = {}
+        self.pushed_at: dict[int, float] = {}  # outbox lease id -> last push (monotonic)
         self.request_out = False
+        self.request_sent_at = 0.0  # monotonic; the request is retried after request_timeout_s
         self.next_request_at = 0.0
         self.next_heartbeat_at = 0.0
         self.stopping = ""
@@ -107,6 +112,7 @@ class Actor:
             self._check_learner()
             self._maybe_swap_weights()
             self._maybe_heartbeat()
+            self._maybe_repush()
             if self.stopping or not self.has_weights:
                 continue
             self._maybe_request_leases()
@@ -141,6 +147,7 @@ class Actor:
             self.outbox[group.lease_id] = group
             if not self.client.push(group, timeout_s=self.cfg.transport.request_timeout_s):
                 logger.warning("trajectory queue full; lease %d stays in the outbox", group.lease_id)
+            self.pushed_at[group.lease_id] = time.monotonic()
         if outbox:
             logger.info("re-sent %d unacknowledged groups to the learner", len(outbox))
 
@@ -156,6 +163,7 @@ class Actor:
             case Ack(lease_ids=ids):
                 for lease_id in ids:
                     self.outbox.pop(lease_id, None)
+                    self.pushed_at.pop(lease_id, None)
             case JoinGroup() | WeightHeader():
                 self.receiver.submit(msg)
             case Bye(reason=reason):
@@ -182,7 +190,17 @@ class Actor:
         )
 
     def _maybe_request_leases(self) -> None:
-        if self.request_out or time.monotonic() < self.next_request_at:
+        now = time.monotonic()
+        timeout_s = self.cfg.transport.request_timeout_s
+        if self.request_out and now - self.request_sent_at < timeout_s:
+            return
+        if self.request_out:
+            # No answer within the round-trip timeout: the request or its reply was lost (a
+            # reconnect, a full queue). Leases the learner could not send it has re-issued
+            # already; a grant that was merely late still joins the engine when it arrives.
+            logger.warning("no answer to a lease request within %.0f s; asking again", timeout_s)
+            self.request_out = False
+        if now < self.next_request_at:
             return
         g = self.cfg.rollout.group_size
         if self.sync:
@@ -195,6 +213,19 @@ class Actor:
         if n >= 1:
             self.client.send(LeaseRequest(self.actor_id, n, self.engine.version))
             self.request_out = True
+            self.request_sent_at = now
+
+    def _maybe_repush(self) -> None:
+        """Push again the outbox groups unacknowledged for transport.request_timeout_s: the push
+        or its Ack was lost (in sync mode a non-empty outbox would block lease requests for
+        good). The learner acknowledges a copy it already has and drops it. Never blocks: a
+        full queue leaves the group for the next round."""
+        now = time.monotonic()
+        due = [i for i, at in self.pushed_at.items() if now - at >= self.cfg.transport.request_timeout_s]
+        for lease_id in due:
+            self.pushed_at[lease_id] = now
+            if self.client.push(self.outbox[lease_id], timeout_s=0.0):
+                logger.info("no Ack for lease %d; pushed its group again", lease_id)
 
     def _maybe_heartbeat(self) -> None:
         now = time.monotonic()
@@ -223,6 +254,7 @@ class Actor:
                 self.cfg.transport.request_timeout_s,
                 group.lease_id,
             )
+        self.pushed_at[group.lease_id] = time.monotonic()  # after the push, which may block
         self.groups_sent += 1
 
     def close(self) -> None:

@@ -87,6 +87,8 @@ class WeightReceiver:
         (the engine's old tensors become the next staging), else by copy. Returns the seconds."""
         assert self._staging is not None
         start = time.perf_counter()
+        # On CUDA both threads enqueue on the device's default stream, so the receiver's last
+        # copies into the staging are ordered before any kernel that reads it after the swap.
         with torch.no_grad():
             for name, target in self.params.items():
                 staged = self._staging[name]

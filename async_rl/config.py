@@ -362,7 +362,8 @@ class TransportConfig:
     high_water_mark: int = 1000
     # Largest accepted message (MiB); larger ones are dropped by ZMQ before decoding.
     max_message_mb: int = 64
-    # Receive timeout of a request/reply round trip (s).
+    # Receive timeout of a request/reply round trip (s). An actor whose lease request got no
+    # answer within it asks again, and re-pushes any group not acknowledged within it.
     request_timeout_s: float = 30.0
     # Actor heartbeat period (s).
     heartbeat_s: float = 2.0

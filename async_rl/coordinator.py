@@ -12,7 +12,8 @@ makes that step at most ``max_staleness`` versions newer than every token of the
 Filtered groups free their slot without counting as accepted, so the coordinator leases
 more prompts to make up for them (dynamic sampling inside the staleness budget).
 
-Every lease ends exactly once: accepted, filtered, or expired (its prompt is re-issued
+Every lease ends exactly once: accepted, filtered, or re-issued (expired, its actor left,
+its grant could not be sent, or its group failed validation: its prompt is leased again
 under a new lease id with the same ``seq``, so it is sampled the same way again). An
 accepted group is then either trained or, if it outlived the staleness bound, re-queued
 (``stale``). At any moment
@@ -41,6 +42,9 @@ from typing import Any
 
 from async_rl.data import Prompt, PromptSource
 from async_rl.schema import Lease
+
+# Why ``Coordinator.reissue`` ended a live lease early; each is a counter (part of reissued).
+_REISSUE_CAUSES = ("rejected", "unsent")
 
 
 class Outcome(enum.Enum):
@@ -82,7 +86,8 @@ class Coordinator:
         self._next_lease_id = first_lease_id
         self.version = 0  # the policy version all actors hold
         # Cumulative since the start of the run (restored across learner restarts).
-        # accepted = trained + buffered; duplicates_dropped = duplicates + late + unknown.
+        # accepted = trained + buffered; duplicates_dropped = duplicates + late + unknown;
+        # rejected and unsent leases (see reissue) are counted in reissued as well.
         self.counts = {
             "granted": 0,
             "accepted": 0,
@@ -94,6 +99,8 @@ class Coordinator:
             "late": 0,
             "unknown": 0,
             "duplicates_dropped": 0,
+            "rejected": 0,
+            "unsent": 0,
         }
 
     # ------------------------------------------------------------------ admission
@@ -198,6 +205,21 @@ class Coordinator:
             ids = [i for i, a in self._active.items() if a.actor_id == actor_id]
             for lease_id in ids:
                 self._end_expired_locked(lease_id)
+            return len(ids)
+
+    def reissue(self, lease_ids: list[int], *, cause: str) -> int:
+        """End the live leases among ``lease_ids`` now and lease their prompts again; they
+        count as ``reissued`` and as ``cause``: ``unsent`` (the learner could not send their
+        grant, so no actor has them) or ``rejected`` (their group failed validation). Without
+        this they would stay open for good: heartbeats renew every lease of their actor.
+        Returns how many ended (leases no longer live are skipped)."""
+        if cause not in _REISSUE_CAUSES:
+            raise ValueError(f"cause={cause!r}: one of {', '.join(_REISSUE_CAUSES)}")
+        with self._lock:
+            ids = [i for i in lease_ids if i in self._active]
+            for lease_id in ids:
+                self._end_expired_locked(lease_id)
+            self.counts[cause] += len(ids)
             return len(ids)
 
     def expire(self) -> int:

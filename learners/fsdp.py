@@ -5,7 +5,13 @@ form each process's *default* process group (NCCL on GPU, gloo on CPU); rank 0 i
 process that owns the sockets, the coordinator and the weight-sync group (a process group object
 of its own, ``weight_sync.group.SyncGroup``), ranks 1.. only train. Rank 0 starts ranks 1.. as
 ``python -m learners.fsdp`` processes (``ShardedTrainer``) and tells them what to do next through
-its rendezvous store (``worker_main``): both halves of that protocol are in this file. Per step:
+its rendezvous store (``worker_main``): both halves of that protocol are in this file.
+
+Start-up. The ranks load the model and say ``ready`` while rank 0 warm-starts, which can take
+hours. Only then does rank 0 send the first command, ``shard``, and form the default group; the
+ranks wait for it as they wait for any command, for as long as rank 0 lives. They must not join
+the group before: a gloo rank whose rendezvous begins ``trainer.device_timeout_s`` before rank 0
+joins times out, and rank 0 then fails to connect to it. Per step:
 
 1. ``broadcast_groups``: rank 0 sends the step's ``TrajectoryGroup``s to every rank, encoded by
    ``async_rl.schema`` (checked on decode, never pickled). Every rank builds the same full
@@ -264,9 +270,9 @@ class ShardedTrainer:
     which load the model while rank 0 goes on (with its warm start, say). ``shard`` then waits
     for them, forms the default process group on the learner's own store, and shards a copy of
     ``mirror`` (rank 0's full model): every rank starts from rank 0's weights at that moment.
-    Then each call sends one command to the ranks (``cmd/<n>`` in the store: ``step <version>``,
-    ``gather``, ``optimizer``, ``stop``) and runs that command's collectives, which every rank
-    (``worker_main``) runs in the same order.
+    Each call sends one command to the ranks (``cmd/<n>`` in the store: ``shard`` first, then
+    ``step <version>``, ``gather``, ``optimizer``, ``stop``) and runs that command's collectives,
+    which every rank (``worker_main``) runs in the same order.
     """
 
     def __init__(
@@ -305,8 +311,11 @@ class ShardedTrainer:
         """Form the group (deadline: trainer.device_timeout_s) and shard ``mirror``'s weights,
         which are those of policy ``version``, over every rank."""
         self._wait_ready()
-        _init_world(self._store, 0, self.world_size, self.device, self.timeout_s)
-        self.model, self.optimizer = _prepare(copy.deepcopy(mirror), self.cfg, self.device)
+        # The ranks join the group only on this command (see the module doc): however long the
+        # warm start before this call took, every rank's rendezvous starts now, with rank 0's.
+        with self._command("shard"):
+            _init_world(self._store, 0, self.world_size, self.device, self.timeout_s)
+            self.model, self.optimizer = _prepare(copy.deepcopy(mirror), self.cfg, self.device)
         self._mirror_version = version
         logger.info("FSDP learner: %d ranks on %s", self.world_size, dist.get_backend())
 
@@ -405,8 +414,9 @@ class ShardedTrainer:
 
 def worker_main(argv: list[str] | None = None) -> int:
     """Ranks 1..: ``python -m learners.fsdp --rank=R ...``, started by ``ShardedTrainer``. Loads
-    the model, joins the group, then runs rank 0's commands until ``stop``. Exits when rank 0
-    goes away (its store stops answering, or this process's parent changes)."""
+    the model, waits for ``shard`` and joins the group, then runs rank 0's commands until
+    ``stop``. Exits when rank 0 goes away (its store stops answering, or this process's parent
+    changes)."""
     import argparse
 
     from transformers import AutoModelForCausalLM
@@ -440,11 +450,20 @@ def worker_main(argv: list[str] | None = None) -> int:
     estimator = estimator_from_config(cfg, tokenizer)
     params = StepParams.from_config(cfg)
     store.set(f"ready/{args.rank}", "1")
+    # Rank 0 may warm-start for longer than the group's timeout: join only when it says so.
+    match command := _next_command(store, 0, parent):
+        case "shard":
+            pass
+        case "stop":  # rank 0 closed before sharding (its warm start failed, say)
+            logger.info("learner rank %d: stopping before the group formed", args.rank)
+            return 0
+        case _:
+            raise RuntimeError(f"learner rank {args.rank}: expected 'shard' first, got {command!r}")
     _init_world(store, args.rank, args.world_size, device, args.timeout_s)
     logger.info("learner rank %d of %d up on %s (pid %d)", args.rank, args.world_size, device, os.getpid())
     try:
         model, optimizer = _prepare(model.to(device).eval(), cfg, device)
-        for n in itertools.count():
+        for n in itertools.count(1):
             command = _next_command(store, n, parent)
             match command.split():
                 case ["step", version]:

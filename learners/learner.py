@@ -188,6 +188,11 @@ class Learner(Service):
         except _Stopped:
             logger.info("stopped at v%d", self.version)
         self.save()
+        if self.service_error is not None:
+            raise RuntimeError(
+                f"the learner's service thread failed ({self.service_error!r}); saved at "
+                f"v{self.version}, see the log for the traceback"
+            ) from self.service_error
 
     def _train_loop(self) -> None:
         tr = self.cfg.trainer

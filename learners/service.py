@@ -82,8 +82,20 @@ class Service:
     rejected: int  # malformed or unexpected messages
     _bad_input: RateLimitedLog
     _closing: threading.Event  # set by close(): the service thread exits
+    stop: threading.Event  # set to make the main thread finish the step in hand and save
+    service_error: BaseException | None = None  # why the service thread died, if it did
 
     def _serve(self) -> None:
+        try:
+            self._serve_forever()
+        except BaseException as err:
+            # Without this the thread would die silently and the main thread would wait for
+            # groups until trainer.idle_timeout_s, blaming the actors.
+            logger.exception("the learner's service thread failed; stopping the learner")
+            self.service_error = err
+            self.stop.set()
+
+    def _serve_forever(self) -> None:
         next_expire = 0.0
         # Runs until close(), not until stop: a stopping main thread may still be finishing a
         # weight sync whose header this thread must deliver.
@@ -135,7 +147,12 @@ class Service:
                 self.actors[actor_id] = time.monotonic()
                 leases = self.coordinator.grant(actor_id, n, msg.engine_version)
                 reply: Message = LeaseGrant(leases) if leases else Wait(_RETRY_AFTER_S, "admission control")
-                self.server.send(actor_id, reply)
+                if not self.server.send(actor_id, reply) and leases:
+                    # The actor is briefly unknown (reconnecting) or its queue is full: it never
+                    # sees these leases, and its heartbeats would renew them for good. End them
+                    # now; the actor asks again after transport.request_timeout_s.
+                    n = self.coordinator.reissue([lease.lease_id for lease in leases], cause="unsent")
+                    logger.warning("could not send %d leases to %s; re-issued", n, actor_id[:64])
             case Heartbeat():
                 if actor_id in self.registered:
                     self.registered.discard(actor_id)
@@ -203,6 +220,11 @@ class Service:
                 err,
                 self.rejected,
             )
+            # End the lease (its prompt is leased again) and acknowledge, so the actor drops the
+            # group from its outbox: otherwise heartbeats keep the lease, and its admission
+            # slot, for good, and the actor re-sends a group that will never pass.
+            self.coordinator.reissue([msg.lease_id], cause="rejected")
+            self.server.send(msg.actor_id, Ack([msg.lease_id]))
             return
         rewards = [r.reward for r in msg.responses]
         # Dynamic sampling: a group whose rewards are all equal has zero advantage everywhere.

@@ -72,7 +72,15 @@ class SyncGroup:
 
     The group is a process-group object of its own, not this process's default group, so a
     learner whose default group is its FSDP world (learners/fsdp.py) can also hold this one,
-    and a new epoch never tears down anything else. Collectives go through ``broadcast``.
+    and a new epoch never tears down anything else. Collectives go through ``broadcast`` and
+    their handles through ``wait``, which enforces ``timeout_s`` on both backends.
+
+    NCCL needs the deadline kept here: its ``work.wait()`` only orders CUDA streams, and on a
+    timeout torch's watchdog tears the whole process down (``TORCH_NCCL_ASYNC_ERROR_HANDLING``
+    defaults to 3), so the learner could never evict the dead actor. ``wait`` polls the work
+    and, past the deadline, aborts the communicator and raises, as gloo does by itself. The
+    communicator's own timeout is set to twice ``timeout_s`` so the poll always fires first.
+    (Read from torch's source; not yet run on a GPU.)
     """
 
     def __init__(
@@ -82,6 +90,7 @@ class SyncGroup:
         self.rank = rank
         self.world_size = world_size
         self.backend = backend
+        self.timeout_s = timeout_s
         prefixed = dist.PrefixStore(f"epoch{epoch}/", store)
         timeout = timedelta(seconds=timeout_s)
         self._pg: Any
@@ -90,7 +99,7 @@ class SyncGroup:
             if nccl is None:
                 raise RuntimeError("weight_sync.backend=nccl, but this torch build has no NCCL; use gloo")
             options = nccl.Options()
-            options._timeout = timeout
+            options._timeout = 2 * timeout  # ``wait`` gives up first, at timeout_s
             self._pg = nccl(prefixed, rank, world_size, options)
         elif backend == "gloo":
             self._pg = dist.ProcessGroupGloo(prefixed, rank, world_size, timeout)
@@ -100,7 +109,7 @@ class SyncGroup:
 
     def broadcast(self, tensor: torch.Tensor, *, async_op: bool = False) -> Any:
         """Broadcast ``tensor`` from rank 0, in place. With ``async_op`` returns the work
-        handle (``.wait()`` raises on a timeout or a lost peer); otherwise waits for it."""
+        handle, to pass to ``wait``; otherwise waits for it."""
         if self._pg is None:
             raise RuntimeError(f"weight-sync group epoch {self.epoch} is closed")
         options = dist.BroadcastOptions()
@@ -108,8 +117,25 @@ class SyncGroup:
         work = self._pg.broadcast([tensor], options)
         if async_op:
             return work
-        work.wait()
+        self.wait(work)
         return None
+
+    def wait(self, work: Any) -> None:
+        """Block until ``work`` is done. Raises ``RuntimeError`` on a lost peer or after
+        ``timeout_s`` (the group is then closed: a new epoch must be formed)."""
+        if self.backend != "nccl":
+            work.wait()  # gloo raises by itself after the group's timeout
+            return
+        deadline = time.monotonic() + self.timeout_s
+        while not work.is_completed():
+            if time.monotonic() > deadline:
+                self.close()
+                raise RuntimeError(
+                    f"weight-sync epoch {self.epoch}: a broadcast did not finish within "
+                    f"weight_sync.timeout_s={self.timeout_s:.0f} s"
+                )
+            time.sleep(_NCCL_POLL_S)
+        work.wait()  # done; raises if it failed
 
     def barrier(self) -> None:
         """Every rank arrives (used by benchmarks to start transfers together)."""
@@ -124,7 +150,8 @@ class SyncGroup:
     def close(self) -> None:
         pg, self._pg = self._pg, None
         if pg is not None and self.backend == "nccl":
-            pg.abort()  # frees the communicator now; a broken peer cannot block it
+            abort = getattr(pg, "abort", None) or pg._abort
+            abort()  # frees the communicator now; a broken peer cannot block it
 
 
 class GroupAborted(RuntimeError):
@@ -132,6 +159,8 @@ class GroupAborted(RuntimeError):
 
 
 _POLL_S = 0.02
+# How often ``SyncGroup.wait`` looks at an NCCL work: far below a bucket's transfer time.
+_NCCL_POLL_S = 0.0005
 
 
 def _key(epoch: int, what: str) -> str:

@@ -179,6 +179,8 @@ def test_duplicates_and_expiry_end_each_lease_once() -> None:
         "late": 1,
         "unknown": 1,
         "duplicates_dropped": 3,
+        "rejected": 0,
+        "unsent": 0,
     }
     # 3 granted = 0 trained + 1 buffered + 0 filtered + 1 re-issued + 0 stale + 1 in flight.
     ledger = c.accounting()
@@ -192,6 +194,45 @@ def test_release_reissues_a_departed_actors_leases() -> None:
     assert c.release("a") == 3
     assert c.in_flight == 2
     assert [lease.seq for lease in c.grant("b", 3)] == [0, 1, 2]
+
+
+def test_an_unsent_grant_ends_its_leases_at_once_and_heartbeats_do_not_keep_them() -> None:
+    clock = _Clock()
+    c = _coordinator(staleness=1, clock=clock)
+    lost = c.grant("a", 3)  # the LeaseGrant never reached "a"
+    assert c.reissue([lease.lease_id for lease in lost], cause="unsent") == 3
+    clock.now = 5.0
+    c.renew("a")  # its heartbeats go on: nothing of it is live to renew
+    assert c.in_flight == 0 and c.in_flight_by_actor() == {}
+    # The prompts are leased again, same draws, new ids, before any new draw.
+    again = c.grant("a", 4)
+    assert [lease.seq for lease in again] == [0, 1, 2, 3]
+    assert {lease.lease_id for lease in again}.isdisjoint(lease.lease_id for lease in lost)
+    # Ending them again (or an id never granted) changes nothing.
+    assert c.reissue([lost[0].lease_id, 999], cause="unsent") == 0
+    assert c.finish(lost[0].lease_id, accepted=True) is Outcome.LATE
+    assert (c.counts["unsent"], c.counts["reissued"], c.counts["granted"]) == (3, 3, 7)
+    # 7 granted = 3 re-issued + 4 in flight.
+    ledger = c.accounting()
+    assert (ledger["in_flight"], ledger["accounted"], ledger["ok"]) == (4, 7, True)
+
+
+def test_a_rejected_group_ends_its_lease_and_frees_its_admission_slot() -> None:
+    c = _coordinator(staleness=0)
+    leases = c.grant("a", 100)  # (0 + 0 + 1) * 4 = 4 leases: admission is full
+    assert c.grant("a", 1) == []
+    bad = leases[1]
+    assert c.reissue([bad.lease_id], cause="rejected") == 1
+    (again,) = c.grant("b", 100)  # the slot is free, and the same prompt is leased again
+    assert (again.seq, again.prompt_id) == (bad.seq, bad.prompt_id)
+    assert c.in_flight_by_actor() == {"a": 3, "b": 1}
+    assert c.finish(again.lease_id, accepted=True) is Outcome.ACCEPTED
+    assert (c.counts["rejected"], c.counts["reissued"], c.counts["unsent"]) == (1, 1, 0)
+    # 5 granted = 1 buffered + 1 re-issued + 3 in flight.
+    ledger = c.accounting()
+    assert (ledger["buffered"], ledger["in_flight"], ledger["accounted"], ledger["ok"]) == (1, 3, 5, True)
+    with pytest.raises(ValueError, match="cause="):
+        c.reissue([leases[0].lease_id], cause="expired")
 
 
 def test_a_stale_accepted_group_frees_its_slot_and_its_prompt_is_leased_again() -> None:

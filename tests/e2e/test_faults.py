@@ -11,23 +11,48 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
+import queue
 import random
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pytest
 import zmq
 
 # The fleet helpers (pytest puts this directory on sys.path: tests/ has no packages).
 from test_fleet import _SMALL, _check_ledger, _finish, _Fleet
 
-from async_rl.transport import Endpoints
+from async_rl.config import Config
+from async_rl.coordinator import Coordinator
+from async_rl.data import Prompt, PromptSource
+from async_rl.schema import (
+    SCHEMA_VERSION,
+    Ack,
+    FinishReason,
+    Heartbeat,
+    Lease,
+    LeaseGrant,
+    LeaseRequest,
+    Register,
+    Registered,
+    Response,
+    TrajectoryGroup,
+    decode,
+    encode,
+)
+from async_rl.transport import Endpoints, LearnerServer, RateLimitedLog
+from learners.service import Service
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
@@ -268,3 +293,114 @@ def test_a_flood_of_malformed_messages_does_not_stop_training(tiny_model_dir: Pa
     # fail validation or whose lease is not live. None of them was trained (checked above).
     assert malformed > 500
     assert rows[-1]["transport/malformed"] >= malformed
+
+
+# ---------------------------------------------------------------------- the service alone
+
+
+class _ServiceOnly(Service):
+    """The learner's service thread without a model or trainer: a real LearnerServer and
+    Coordinator. Only the vocabulary size is stood in for (check_group reads nothing else)."""
+
+    def __init__(self, server: LearnerServer, coordinator: Coordinator) -> None:
+        self.cfg = Config()
+        self.cfg.rollout.group_size = 2
+        self.model = SimpleNamespace(config=SimpleNamespace(vocab_size=64))
+        self.model_path = "unused"
+        self.version = 0
+        self.coordinator = coordinator
+        self.server = server
+        self.endpoints = Endpoints(server.control_endpoint, server.trajectory_endpoint, "127.0.0.1", 0)
+        self.filter_groups = False
+        self.actors, self.registered, self.members = {}, set(), []
+        self.membership_dirty = False
+        self.sync_pending, self.sync_reports = {}, []
+        self.buffer, self.outgoing = queue.Queue(), queue.Queue()
+        self.gen_tokens = self.rejected = 0
+        self._bad_input = RateLimitedLog(logging.getLogger(__name__))
+        self._closing = threading.Event()
+
+
+@pytest.fixture
+def service() -> Iterator[_ServiceOnly]:
+    server = LearnerServer("127.0.0.1", 0, 0, high_water_mark=100, max_message_mb=8)
+    prompts = [Prompt(i, f"q{i}", str(i)) for i in range(20)]
+    coordinator = Coordinator(
+        PromptSource(prompts, seed=0), batch_groups=2, max_staleness=0, lease_timeout_s=60.0
+    )
+    try:
+        yield _ServiceOnly(server, coordinator)
+    finally:
+        server.close()
+
+
+def _group_for(lease: Lease, token: int) -> TrajectoryGroup:
+    r = Response(
+        token_ids=np.array([5, token], dtype=np.int32),
+        logprobs=np.array([-0.5, -1.0], dtype=np.float32),
+        versions=np.array([0, 0], dtype=np.int32),
+        reward=1.0,
+        finish_reason=FinishReason.STOP,
+    )
+    return TrajectoryGroup(lease.lease_id, lease.prompt_id, "a0", np.array([1, 2], dtype=np.int32), [r, r])
+
+
+def test_a_group_failing_validation_ends_its_lease_and_is_acknowledged(service: _ServiceOnly) -> None:
+    ctx = zmq.Context()
+    dealer, push = ctx.socket(zmq.DEALER), ctx.socket(zmq.PUSH)
+    dealer.setsockopt(zmq.ROUTING_ID, b"a0")
+    for sock in (dealer, push):
+        sock.setsockopt(zmq.LINGER, 0)
+    dealer.connect(service.server.control_endpoint)
+    push.connect(service.server.trajectory_endpoint)
+    thread = threading.Thread(target=service._serve, name="service", daemon=True)
+    thread.start()
+
+    def answer(kind: type) -> Any:
+        deadline = time.monotonic() + 10.0
+        while dealer.poll(max(0, int((deadline - time.monotonic()) * 1000))):
+            msg = decode(dealer.recv())
+            if isinstance(msg, kind) and msg != Ack([]):  # an empty Ack answers a heartbeat
+                return msg
+        raise AssertionError(f"no {kind.__name__} from the learner's service")
+
+    try:
+        dealer.send(encode(Register("a0", SCHEMA_VERSION, os.getpid(), "host")))
+        answer(Registered)
+        dealer.send(encode(Heartbeat("a0", 0, 0)))  # engine loaded: a0 joins the fleet
+        dealer.send(encode(LeaseRequest("a0", 2, 0)))
+        leases = answer(LeaseGrant).leases
+        assert len(leases) == 2  # (0 + 0 + 1) * 2: admission is full
+        bad = leases[0]
+        push.send(encode(_group_for(bad, token=10_000)))  # out of the 64-token vocabulary
+        assert answer(Ack) == Ack([bad.lease_id])  # the actor may drop it from its outbox
+        dealer.send(encode(Heartbeat("a0", 0, 1)))  # heartbeats no longer keep it open...
+        push.send(encode(_group_for(leases[1], token=7)))
+        assert answer(Ack) == Ack([leases[1].lease_id])
+        # ...its slot is free and its prompt is leased again, same draw, new id.
+        dealer.send(encode(LeaseRequest("a0", 2, 0)))
+        (again,) = answer(LeaseGrant).leases
+        assert (again.seq, again.prompt_id) == (bad.seq, bad.prompt_id) and again.lease_id != bad.lease_id
+    finally:
+        service._closing.set()
+        thread.join(timeout=10.0)
+        dealer.close()
+        push.close()
+        ctx.term()
+    assert not thread.is_alive()
+    ledger = service.coordinator.accounting()
+    assert (ledger["rejected"], ledger["reissued"], ledger["accepted"], ledger["in_flight"]) == (1, 1, 1, 1)
+    assert ledger["granted"] == 3 and ledger["ok"] and service.rejected == 1
+
+
+def test_a_lease_grant_that_cannot_be_sent_is_reissued_at_once(service: _ServiceOnly) -> None:
+    # "gone" is in the fleet but no longer connected (or reconnecting): ROUTER_MANDATORY
+    # refuses the send, so no actor holds the leases and they go back to the pool.
+    service.actors["gone"] = time.monotonic()
+    service._on_control("gone", LeaseRequest("gone", 2, 0))
+    service._on_control("gone", Heartbeat("gone", 0, 0))  # its heartbeats would have renewed them
+    ledger = service.coordinator.accounting()
+    assert (ledger["granted"], ledger["unsent"], ledger["reissued"], ledger["in_flight"]) == (2, 2, 2, 0)
+    assert ledger["ok"]
+    again = service.coordinator.grant("a1", 2)
+    assert [lease.seq for lease in again] == [0, 1]

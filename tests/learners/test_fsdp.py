@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import socket
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,14 @@ import torch.multiprocessing as mp
 
 from async_rl.schema import FinishReason, Response, TrajectoryGroup
 from learners.advantages import make_estimator
-from learners.fsdp import broadcast_groups, full_parameters, shard_model, sharded_train_step, split_groups
+from learners.fsdp import (
+    ShardedTrainer,
+    broadcast_groups,
+    full_parameters,
+    shard_model,
+    sharded_train_step,
+    split_groups,
+)
 from learners.trainer import StepParams, make_batch, train_step
 
 _GROUP_SIZE = 4
@@ -172,6 +180,107 @@ def test_two_fsdp_ranks_match_one_process(tiny_model_dir: Path, tmp_path: Path) 
         start = _initial_weights(tiny_model_dir)
         moved = max(float((weights[k].float() - start[k]).abs().max()) for k in weights)
         assert moved > 100 * _TOL, f"{name}: the step barely moved the weights ({moved})"
+
+
+@pytest.mark.slow
+def test_rank_waits_out_a_warm_start_longer_than_the_device_timeout(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Rank 1 (a real ``python -m learners.fsdp``) is ready long before rank 0 shards, as during a
+    warm start: it must not join the gloo group until then, or its rendezvous times out after
+    trainer.device_timeout_s and rank 0 cannot connect. Then one step matches one process."""
+    from transformers import AutoModelForCausalLM
+
+    from async_rl.config import compose
+    from async_rl.text import load_tokenizer
+    from learners.advantages import estimator_from_config
+    from weight_sync.group import host_store
+
+    timeout_s = 3.0
+    cfg = compose(
+        "train",
+        [
+            "trainer.num_devices=2",
+            "trainer.device=cpu",
+            f"trainer.device_timeout_s={timeout_s}",
+            "trainer.num_threads=1",
+            "trainer.batch_groups=4",
+            f"rollout.group_size={_GROUP_SIZE}",
+            "rollout.max_new_tokens=8",
+        ],
+    )
+    model_path = str(tiny_model_dir)
+    tokenizer = load_tokenizer(model_path)
+    batch = make_batch(_groups(seed=3), pad_id=tokenizer.pad_token_id, device=torch.device("cpu"))
+    p = StepParams.from_config(cfg)
+    store = host_store("127.0.0.1", 0, timeout_s)
+    trainer = ShardedTrainer(
+        cfg,
+        model_path=model_path,
+        store=store,
+        store_host="127.0.0.1",
+        run_dir=tmp_path,
+        device=torch.device("cpu"),
+    )
+    procs = list(trainer._procs)
+    try:
+        mirror: Any = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+        deadline = time.monotonic() + 60.0
+        while not trainer._store.check(["ready/1"]):  # rank 1 has loaded the model
+            assert procs[0].poll() is None and time.monotonic() < deadline, "rank 1 did not start"
+            time.sleep(0.05)
+        time.sleep(2 * timeout_s)  # the "warm start": rank 1 idles for twice its timeout
+        assert procs[0].poll() is None, "rank 1 died while rank 0 was warm-starting"
+        trainer.shard(mirror, version=0)
+        got = trainer.train_step(
+            _groups(seed=3), batch, p, version=0, estimator=estimator_from_config(cfg, tokenizer)
+        )
+        trainer.gather_into(mirror, version=1)
+    finally:
+        trainer.close()
+    assert [proc.returncode for proc in procs] == [0]
+    assert "learner rank 1: stopping" in (tmp_path / "learner-rank1.log").read_text()
+
+    model: Any = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay
+    )
+    expected = train_step(
+        model, optimizer, batch, p, version=0, estimator=estimator_from_config(cfg, tokenizer)
+    )
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, rel=_TOL, abs=_TOL), key
+    gathered = dict(mirror.named_parameters())
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(gathered[name], param, rtol=_TOL, atol=_TOL, msg=name)
+
+
+@pytest.mark.slow
+def test_rank_waiting_for_shard_stops_when_rank_0_closes(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Rank 0 closes before sharding (a failed warm start): the waiting rank exits 0 at once."""
+    from async_rl.config import compose
+    from weight_sync.group import host_store
+
+    cfg = compose("train", ["trainer.num_devices=2", "trainer.device=cpu", "trainer.num_threads=1"])
+    store = host_store("127.0.0.1", 0, 30.0)
+    trainer = ShardedTrainer(
+        cfg,
+        model_path=str(tiny_model_dir),
+        store=store,
+        store_host="127.0.0.1",
+        run_dir=tmp_path,
+        device=torch.device("cpu"),
+    )
+    procs = list(trainer._procs)
+    try:
+        trainer._wait_ready()
+    finally:
+        start = time.monotonic()
+        trainer.close()
+    assert [proc.returncode for proc in procs] == [0]
+    assert time.monotonic() - start < 5.0, "rank 1 had to be terminated"
+    assert "stopping before the group formed" in (tmp_path / "learner-rank1.log").read_text()
 
 
 def _initial_weights(model_dir: Path) -> dict[str, torch.Tensor]:

@@ -81,3 +81,53 @@ def test_groups_of_two_epochs_leave_the_default_group_alone() -> None:
             proc.join(timeout=10)
     assert got == [[1.0, 1.0, 1.0], [11.0, 11.0, 11.0]]
     assert not dist.is_initialized() and not rank1_default
+
+
+class _FakeNcclWork:
+    """Stands in for an NCCL work handle (no CUDA here): completes after ``done_after`` polls."""
+
+    def __init__(self, done_after: int | None) -> None:
+        self.polls, self.done_after, self.waited = 0, done_after, False
+
+    def is_completed(self) -> bool:
+        self.polls += 1
+        return self.done_after is not None and self.polls > self.done_after
+
+    def wait(self) -> bool:
+        self.waited = True
+        return True
+
+
+class _FakeNcclGroup:
+    aborted = False
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+def _fake_nccl_sync_group(timeout_s: float) -> tuple[SyncGroup, _FakeNcclGroup]:
+    group = SyncGroup.__new__(SyncGroup)  # the NCCL constructor needs CUDA; the wait logic does not
+    pg = _FakeNcclGroup()
+    group.epoch, group.rank, group.world_size, group.backend, group.timeout_s = 3, 0, 2, "nccl", timeout_s
+    group._pg = pg
+    return group, pg
+
+
+def test_nccl_wait_polls_until_the_work_completes() -> None:
+    group, pg = _fake_nccl_sync_group(timeout_s=5.0)
+    work = _FakeNcclWork(done_after=3)
+    group.wait(work)
+    assert work.polls == 4 and work.waited and not pg.aborted
+
+
+def test_nccl_wait_aborts_the_communicator_and_raises_at_the_deadline() -> None:
+    """A peer that never answers: without this the NCCL watchdog would kill the learner."""
+    group, pg = _fake_nccl_sync_group(timeout_s=0.2)
+    work = _FakeNcclWork(done_after=None)
+    with pytest.raises(
+        RuntimeError, match=r"epoch 3: a broadcast did not finish within weight_sync.timeout_s=0 s"
+    ):
+        group.wait(work)
+    assert pg.aborted and not work.waited and work.polls > 10
+    with pytest.raises(RuntimeError, match="closed"):
+        group.broadcast(torch.zeros(1))
