@@ -41,16 +41,8 @@ from typing import Any
 import pytest
 import torch
 
-from actors.sglang_engine import (
-    HttpBackend,
-    InProcessBackend,
-    SGLangEngine,
-    SGLangError,
-    WeightRelay,
-    generate_payload,
-    parameter_layout,
-    parse_output,
-)
+from actors.sglang_backends import HttpBackend, InProcessBackend, SGLangError, generate_payload, parse_output
+from actors.sglang_engine import SGLangEngine, WeightRelay, parameter_layout
 from actors.torch_engine import Request, Sample
 from weight_sync import broadcast
 
