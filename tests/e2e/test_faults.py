@@ -148,7 +148,9 @@ def test_sigkill_the_learner_then_resume_and_the_actors_reconnect(
     assert set(open_at_checkpoint) <= {seq for r in resumed for seq in r["rollout/trained_seqs"]}
     assert ledger["incarnation"] == 1 and ledger["version"] == resumed[-1]["version"]
     # What the actors re-sent was made for the killed learner: dropped as unknown, never trained.
-    assert ledger["unknown"] >= _resent(tmp_path, ("a0", "a1"))
+    # (They kept generating until they noticed the silence, so there is always something.)
+    resent = _resent(tmp_path, ("a0", "a1"))
+    assert resent >= 1 and ledger["unknown"] >= resent
 
 
 def test_resume_without_a_checkpoint_is_one_clear_error(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -235,7 +237,8 @@ def test_a_frozen_learner_loses_its_actors_and_they_come_back(tiny_model_dir: Pa
     # The leases the actors held were re-issued when they registered again, so what they
     # re-sent was dropped (as a duplicate, or as late), never trained twice.
     assert ledger["reissued"] >= 1
-    assert ledger["duplicates_dropped"] >= _resent(tmp_path, ("a0", "a1"))
+    resent = _resent(tmp_path, ("a0", "a1"))  # they kept generating while the learner was frozen
+    assert resent >= 1 and ledger["duplicates_dropped"] >= resent
 
 
 def _fuzz_module() -> Any:
