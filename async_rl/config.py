@@ -472,6 +472,17 @@ def to_dict(cfg: Any) -> Any:
     return cfg
 
 
+def flat_keys(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested dict (``to_dict``'s) as dotted override keys: ``{"trainer.lr": 3e-4, ...}``."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out |= flat_keys(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def from_dict(data: dict[str, Any]) -> Config:
     """Inverse of ``to_dict``: validated through the same schema as the CLI."""
     from omegaconf import OmegaConf

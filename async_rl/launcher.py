@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from async_rl.config import Config, compose, default_threads, to_dict
+from async_rl.config import Config, compose, default_threads, flat_keys, to_dict
 
 logger = logging.getLogger(__name__)
 
@@ -50,23 +50,13 @@ def warn_config_changes(cfg: Config, run_dir: Path) -> list[str]:
     path = run_dir / "config.yaml"
     if not path.exists():
         return []
-    before, now = _flat(yaml.safe_load(path.read_text()) or {}), _flat(to_dict(cfg))
+    before, now = flat_keys(yaml.safe_load(path.read_text()) or {}), flat_keys(to_dict(cfg))
     changed = sorted(
         k for k in before.keys() | now.keys() if before.get(k) != now.get(k) and k != "learner.resume"
     )
     for key in changed:
         logger.warning("resuming with %s=%r; the run was started with %r", key, now.get(key), before.get(key))
     return changed
-
-
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out |= _flat(value, f"{prefix}{key}.")
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def learner(overrides: list[str]) -> int:

@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from async_rl.config import Config, _ByValue, _check, compose, to_dict
+from async_rl.config import Config, _ByValue, _check, compose, flat_keys, to_dict
 
 # Sections of the bench config that are not part of the train config.
 _BENCH_KEYS = ("bench", "sweep", "cost")
@@ -161,20 +161,10 @@ def compose_bench(overrides: list[str]) -> BenchRootConfig:
 def train_overrides(cfg: Config, fixed: dict[str, Any]) -> list[str]:
     """Hydra overrides that make ``async-rl train`` (configs/train.yaml) compose exactly the
     train part of ``cfg``, with the ``fixed`` keys (dotted) set on top."""
-    base = _flatten(to_dict(compose("train", [])))
-    mine = _flatten({k: v for k, v in to_dict(cfg).items() if k not in _BENCH_KEYS})
+    base = flat_keys(to_dict(compose("train", [])))
+    mine = flat_keys({k: v for k, v in to_dict(cfg).items() if k not in _BENCH_KEYS})
     values = {k: v for k, v in mine.items() if base.get(k) != v} | fixed
     return [f"{key}={_hydra_value(value)}" for key, value in values.items()]
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out |= _flatten(value, f"{prefix}{key}.")
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _hydra_value(value: Any) -> str:
