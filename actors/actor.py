@@ -51,7 +51,7 @@ from async_rl.schema import (
     Wait,
     WeightHeader,
 )
-from async_rl.text import load_tokenizer, render_prompt, response_text
+from async_rl.text import load_tokenizer, render_prompt, response_text, stop_token_ids, strip_stop
 from async_rl.transport import ActorClient, Endpoints, load_client_keys
 
 logger = logging.getLogger(__name__)
@@ -76,11 +76,12 @@ class Actor:
         self.cfg: Config = from_dict(registered.config)
         self.device = device
         self.tokenizer = load_tokenizer(registered.model_path)
+        self.stop_ids = frozenset(stop_token_ids(registered.model_path, self.tokenizer))
         self.engine = make_engine(
             self.cfg,
             registered.model_path,
             device=device,
-            eos_token_id=self.tokenizer.eos_token_id,
+            stop_token_ids=sorted(self.stop_ids),
             pad_token_id=self.tokenizer.pad_token_id,
         )
         self.receiver = WeightReceiver(
@@ -246,7 +247,9 @@ class Actor:
         if len(pending.samples) < self.cfg.rollout.group_size:
             return
         del self.pending[sample.request_id]
-        group = score_group(self.tokenizer, pending.lease, pending.prompt_ids, pending.samples, self.actor_id)
+        group = score_group(
+            self.tokenizer, pending.lease, pending.prompt_ids, pending.samples, self.actor_id, self.stop_ids
+        )
         self.outbox[group.lease_id] = group
         if not self.client.push(group, timeout_s=self.cfg.transport.request_timeout_s):
             logger.warning(
@@ -264,15 +267,18 @@ class Actor:
 
 
 def score_group(
-    tokenizer: Any, lease: Lease, prompt_ids: list[int], samples: list[Sample], actor_id: str
+    tokenizer: Any,
+    lease: Lease,
+    prompt_ids: list[int],
+    samples: list[Sample],
+    actor_id: str,
+    stop_ids: frozenset[int],
 ) -> TrajectoryGroup:
     """The wire group for one lease: every sample scored by ``math_reward`` against the
-    lease's reference answer (the trailing EOS is not part of the scored text)."""
+    lease's reference answer (the final stop token is not part of the scored text)."""
     responses = []
-    eos = tokenizer.eos_token_id
     for s in sorted(samples, key=lambda s: s.index):
-        body = s.token_ids[:-1] if s.token_ids and s.token_ids[-1] == eos else s.token_ids
-        reward = math_reward(response_text(tokenizer, body), lease.answer)
+        reward = math_reward(response_text(tokenizer, strip_stop(s.token_ids, stop_ids)), lease.answer)
         responses.append(
             Response(
                 token_ids=np.asarray(s.token_ids, dtype=np.int32),

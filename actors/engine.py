@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -9,7 +10,9 @@ import torch
 from async_rl.config import Config, EngineKind
 
 
-def make_engine(cfg: Config, model_path: str, *, device: str, eos_token_id: int, pad_token_id: int) -> Any:
+def make_engine(
+    cfg: Config, model_path: str, *, device: str, stop_token_ids: Sequence[int], pad_token_id: int
+) -> Any:
     rollout = cfg.rollout
     match rollout.engine:
         case EngineKind.TORCH:
@@ -23,7 +26,7 @@ def make_engine(cfg: Config, model_path: str, *, device: str, eos_token_id: int,
                 max_new_tokens=rollout.max_new_tokens,
                 temperature=rollout.temperature,
                 top_p=rollout.top_p,
-                eos_token_id=eos_token_id,
+                stop_token_ids=stop_token_ids,
                 pad_token_id=pad_token_id,
                 seed=cfg.seed,
                 resume_kv=rollout.resume_kv.value,
@@ -31,4 +34,4 @@ def make_engine(cfg: Config, model_path: str, *, device: str, eos_token_id: int,
         case EngineKind.SGLANG:
             from actors.sglang_engine import make_sglang_engine  # imports SGLang only if it launches one
 
-            return make_sglang_engine(cfg, model_path, device=device, eos_token_id=eos_token_id)
+            return make_sglang_engine(cfg, model_path, device=device, stop_token_ids=stop_token_ids)

@@ -11,7 +11,7 @@ import json
 import logging
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -32,7 +32,7 @@ def generate_payload(
     max_new_tokens: int,
     temperature: float,
     top_p: float,
-    eos_token_id: int,
+    stop_token_ids: Collection[int],
 ) -> dict[str, Any]:
     """One ``/generate`` body (``GenerateReqInput``; ``sampling_params`` keys of ``SamplingParams``)."""
     # No rid: SGLang makes unique ones, also for the n expanded samples of one call.
@@ -43,8 +43,8 @@ def generate_payload(
             "max_new_tokens": max_new_tokens,
             "temperature": temperature,
             "top_p": top_p,
-            "stop_token_ids": [eos_token_id],
-            # The EOS token is trained on: keep it in the text too (output_ids always keep it).
+            "stop_token_ids": sorted(stop_token_ids),
+            # The stop token is trained on: keep it in the text too (output_ids always keep it).
             "no_stop_trim": True,
         },
         "return_logprob": True,

@@ -46,7 +46,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -285,7 +285,7 @@ class SGLangEngine:
         max_new_tokens: int,
         temperature: float,
         top_p: float,
-        eos_token_id: int,
+        stop_token_ids: Sequence[int],
         drain_timeout_s: float,
     ) -> None:
         self.sglang = sglang
@@ -294,7 +294,7 @@ class SGLangEngine:
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
         self.top_p = top_p
-        self.eos_token_id = eos_token_id
+        self.stop_token_ids = frozenset(int(t) for t in stop_token_ids)
         self.drain_timeout_s = drain_timeout_s
         self.version = 0
         self.generated_tokens = 0
@@ -334,7 +334,7 @@ class SGLangEngine:
             max_new_tokens=self.max_new_tokens - len(first.sample.token_ids),
             temperature=self.temperature,
             top_p=self.top_p,
-            eos_token_id=self.eos_token_id,
+            stop_token_ids=self.stop_token_ids,
         )
         self._calls[key] = _Call(jobs, self.version)
         self.sglang.submit(key, payload)
@@ -383,7 +383,7 @@ class SGLangEngine:
         if finish != "abort":
             return finish
         # An abort can land just after the last token: classify by what was generated.
-        if s.token_ids and s.token_ids[-1] == self.eos_token_id:
+        if s.token_ids and s.token_ids[-1] in self.stop_token_ids:
             return "stop"
         if len(s.token_ids) >= self.max_new_tokens:
             return "length"
@@ -456,7 +456,9 @@ class SGLangEngine:
 # ---------------------------------------------------------------------- factory
 
 
-def make_sglang_engine(cfg: Any, model_path: str, *, device: str, eos_token_id: int) -> SGLangEngine:
+def make_sglang_engine(
+    cfg: Any, model_path: str, *, device: str, stop_token_ids: Sequence[int]
+) -> SGLangEngine:
     """The engine for ``rollout.engine=sglang`` (knobs: ``rollout.sglang_*``)."""
     rollout = cfg.rollout
     url: str = rollout.sglang_url
@@ -506,6 +508,6 @@ def make_sglang_engine(cfg: Any, model_path: str, *, device: str, eos_token_id: 
         max_new_tokens=rollout.max_new_tokens,
         temperature=rollout.temperature,
         top_p=rollout.top_p,
-        eos_token_id=eos_token_id,
+        stop_token_ids=stop_token_ids,
         drain_timeout_s=call_timeout_s,
     )

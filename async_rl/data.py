@@ -212,16 +212,16 @@ def _unit_hash(key: str) -> float:
     return int.from_bytes(digest, "little") / 2**64
 
 
-def _split_of(key: str) -> str:
-    return "eval" if _unit_hash(key) < EVAL_FRACTION else "train"
+def _split_of(key: str, eval_fraction: float = EVAL_FRACTION) -> str:
+    return "eval" if _unit_hash(key) < eval_fraction else "train"
 
 
-def _pair_split(a: int, op: str, b: int) -> str:
+def _pair_split(a: int, op: str, b: int, eval_fraction: float = EVAL_FRACTION) -> str:
     # For commutative ops the pair is canonicalised, so "34+12=" is held out with "12+34=":
     # otherwise eval accuracy would reward memorising the commuted training problem.
     if op in "+*":
         a, b = min(a, b), max(a, b)
-    return _split_of(f"{a}{op}{b}")
+    return _split_of(f"{a}{op}{b}", eval_fraction)
 
 
 def _operand_range(digits: int) -> range:
@@ -241,7 +241,9 @@ def _problem(a: int, op: str, b: int, digits: int) -> Prompt:
     return Prompt(_problem_id(a, op, b, digits), f"{a}{op}{b}=", str(_apply(a, op, b)))
 
 
-def _check_arithmetic_args(n: int, split: str, digits: int, ops: str) -> None:
+def _check_arithmetic_args(
+    n: int, split: str, digits: int, ops: str, eval_fraction: float = EVAL_FRACTION
+) -> None:
     if n < 0:
         raise ValueError(f"n={n}: must be >= 0")
     if split not in _SPLITS:
@@ -250,21 +252,25 @@ def _check_arithmetic_args(n: int, split: str, digits: int, ops: str) -> None:
         raise ValueError(f"digits={digits}: use 1..9 (data.digits)")
     if not ops or any(op not in _OPS for op in ops) or len(set(ops)) != len(ops):
         raise ValueError(f"ops={ops!r}: use distinct operators from {_OPS!r}")
+    if not 0.0 < eval_fraction < 1.0:
+        raise ValueError(f"eval_fraction={eval_fraction}: use a fraction in (0, 1)")
 
 
-def arithmetic_problem_ids(split: str, *, digits: int = 2, ops: str = "+") -> list[int]:
+def arithmetic_problem_ids(
+    split: str, *, digits: int = 2, ops: str = "+", eval_fraction: float = EVAL_FRACTION
+) -> list[int]:
     """Every problem of ``split``: the ``prompt_id`` of each, ascending.
 
     The full set is enumerated, so this is for small spaces (and for checking disjointness).
     """
-    _check_arithmetic_args(0, split, digits, ops)
+    _check_arithmetic_args(0, split, digits, ops, eval_fraction)
     operands = _operand_range(digits)
     return sorted(
         _problem_id(a, op, b, digits)
         for op in ops
         for a in operands
         for b in operands
-        if _pair_split(a, op, b) == split
+        if _pair_split(a, op, b, eval_fraction) == split
     )
 
 
@@ -274,7 +280,15 @@ def _decode_problem_id(pid: int, digits: int) -> tuple[int, str, int]:
     return a, _OPS[op_index], b
 
 
-def arithmetic_prompts(n: int, *, seed: int, split: str, digits: int = 2, ops: str = "+") -> list[Prompt]:
+def arithmetic_prompts(
+    n: int,
+    *,
+    seed: int,
+    split: str,
+    digits: int = 2,
+    ops: str = "+",
+    eval_fraction: float = EVAL_FRACTION,
+) -> list[Prompt]:
     """``n`` seeded problems like "12+34=" -> "46" from the ``split`` ("train" or "eval").
 
     Operands have exactly ``digits`` digits; ``ops`` is a subset of "+-*" ("-" may give a
@@ -282,14 +296,18 @@ def arithmetic_prompts(n: int, *, seed: int, split: str, digits: int = 2, ops: s
     (commuted pairs together), so the splits are disjoint whatever ``n`` and ``seed``. When the
     split is small enough to enumerate, the draw is without replacement unless ``n`` exceeds
     the split; in larger spaces problems are drawn independently (repeats are then vanishingly
-    rare). ``prompt_id`` encodes (op, a, b), so it is stable across seeds and ``n``.
+    rare). ``prompt_id`` encodes (op, a, b), so it is stable across seeds and ``n``. A fraction
+    ``eval_fraction`` of the problems is held out (more than the default 0.1 for small spaces:
+    1-digit problems number 100 per operator).
     """
-    _check_arithmetic_args(n, split, digits, ops)
-    # String seeds are hashed with SHA-512 by `random`, independent of PYTHONHASHSEED.
-    rng = random.Random(f"arithmetic/{split}/{digits}/{ops}/{seed}")
+    _check_arithmetic_args(n, split, digits, ops, eval_fraction)
+    # String seeds are hashed with SHA-512 by `random`, independent of PYTHONHASHSEED. The
+    # default fraction keeps the seed string of earlier versions (the same draws).
+    frac = "" if eval_fraction == EVAL_FRACTION else f"/{eval_fraction}"
+    rng = random.Random(f"arithmetic/{split}/{digits}/{ops}{frac}/{seed}")
     operands = _operand_range(digits)
     if len(ops) * len(operands) ** 2 <= _ENUMERATE_LIMIT:
-        ids = arithmetic_problem_ids(split, digits=digits, ops=ops)
+        ids = arithmetic_problem_ids(split, digits=digits, ops=ops, eval_fraction=eval_fraction)
         if not ids and n:
             raise ValueError(
                 f"split={split!r} has no problems for digits={digits}, ops={ops!r}; use more digits"
@@ -299,7 +317,7 @@ def arithmetic_prompts(n: int, *, seed: int, split: str, digits: int = 2, ops: s
     prompts: list[Prompt] = []
     while len(prompts) < n:
         a, op, b = rng.choice(operands), rng.choice(ops), rng.choice(operands)
-        if _pair_split(a, op, b) == split:
+        if _pair_split(a, op, b, eval_fraction) == split:
             prompts.append(_problem(a, op, b, digits))
     return prompts
 
@@ -366,14 +384,15 @@ def chain_solution(question: str) -> str:
     "sum 3,5,8,1:" -> "3+5=8,8+8=16,16+1=17" (every partial sum; the last number is the
     answer). "12+34=" -> "46". Raises ValueError for any other question.
     """
-    if match := _CHAIN_QUESTION.fullmatch(question.strip()):
+    # search, not fullmatch: a question put into data.prompt_format still has its problem inside.
+    if match := _CHAIN_QUESTION.search(question):
         terms = [int(t) for t in match.group(1).split(",")]
         steps, total = [], terms[0]
         for term in terms[1:]:
             steps.append(f"{total}+{term}={total + term}")
             total += term
         return ",".join(steps)
-    if match := _BINARY_QUESTION.fullmatch(question.strip()):
+    if match := _BINARY_QUESTION.search(question):
         a, op, b = int(match.group(1)), match.group(2), int(match.group(3))
         return str(_apply(a, op, b))
     raise ValueError(f"{question!r} is not a synthetic question ('a+b=' or 'sum 3,5,8:')")
@@ -490,8 +509,12 @@ def build_datasets(cfg: DataConfig, *, seed: int) -> tuple[list[Prompt], list[Pr
     """The training prompts and the held-out prompts (may be empty) for ``cfg``."""
     match cfg.kind:
         case DataKind.ARITHMETIC:
-            train = arithmetic_prompts(cfg.train_size, seed=seed, split="train", digits=cfg.digits)
-            held = arithmetic_prompts(cfg.eval_size, seed=seed, split="eval", digits=cfg.digits)
+            train, held = (
+                arithmetic_prompts(
+                    n, seed=seed, split=split, digits=cfg.digits, ops=cfg.ops, eval_fraction=cfg.eval_fraction
+                )
+                for n, split in ((cfg.train_size, "train"), (cfg.eval_size, "eval"))
+            )
         case DataKind.LONG_TAIL:
             train = long_tail_prompts(cfg.train_size, seed=seed, split="train")
             held = long_tail_prompts(cfg.eval_size, seed=seed, split="eval")
@@ -505,4 +528,12 @@ def build_datasets(cfg: DataConfig, *, seed: int) -> tuple[list[Prompt], list[Pr
             held = load_prompts(cfg.eval_path, **keys) if cfg.eval_path else []
     if cfg.eval_limit:
         held = held[: cfg.eval_limit]
+    if cfg.prompt_format != "{question}":
+        train, held = format_questions(train, cfg.prompt_format), format_questions(held, cfg.prompt_format)
     return train, held
+
+
+def format_questions(prompts: list[Prompt], prompt_format: str) -> list[Prompt]:
+    """``prompts`` with each question put into ``prompt_format`` (``data.prompt_format``, a text
+    with one ``{question}``): "12+34=" -> "What is 12+34=?" for "What is {question}?"."""
+    return [Prompt(p.prompt_id, prompt_format.replace("{question}", p.question), p.answer) for p in prompts]

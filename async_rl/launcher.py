@@ -59,11 +59,11 @@ def warn_config_changes(cfg: Config, run_dir: Path) -> list[str]:
     return changed
 
 
-def learner(overrides: list[str]) -> int:
+def learner(overrides: list[str], config_name: str = "train") -> int:
     """``async-rl learner``: run the learner in this process until max_steps or a signal."""
     from async_rl.logs import setup_logging
 
-    cfg = compose("train", overrides)
+    cfg = compose(config_name, overrides)
     run_dir = make_run_dir(cfg)
     setup_logging(cfg.log_level, run_dir / "learner.log")
     if cfg.learner.resume:
@@ -87,18 +87,31 @@ def learner(overrides: list[str]) -> int:
 
 
 def resolve_model(cfg: Config) -> str:
-    if cfg.model.path:
-        return cfg.model.path
+    return resolve_model_path(cfg.model.path, cfg.model.init_seed)
+
+
+def resolve_model_path(path: str, init_seed: int = 0) -> str:
+    """The model directory ``model.path`` names, absolute (actors may run elsewhere): the
+    embedded tiny model when empty, a GGUF converted into the cache on first use for
+    ``gguf:SPEC``."""
+    from async_rl.convert import GGUF_SCHEME
+
+    if path.startswith(GGUF_SCHEME):
+        from async_rl.convert import cached_conversion
+
+        return str(cached_conversion(path.removeprefix(GGUF_SCHEME)))
+    if path:
+        return str(Path(path).expanduser().resolve())
     from async_rl.tiny_model import ensure_tiny_model
 
-    return str(ensure_tiny_model(cfg.model.init_seed))
+    return str(ensure_tiny_model(init_seed))
 
 
-def train(overrides: list[str]) -> int:
+def train(overrides: list[str], config_name: str = "train") -> int:
     """``async-rl train``: the learner and ``rollout.num_actors`` actors as processes."""
     from async_rl.logs import setup_logging
 
-    cfg = compose("train", overrides)
+    cfg = compose(config_name, overrides)
     setup_logging(cfg.log_level)
     keys = curve_keys_for_actors(cfg)
     run_dir = make_run_dir(cfg)
@@ -107,7 +120,8 @@ def train(overrides: list[str]) -> int:
     procs: dict[str, subprocess.Popen[bytes]] = {}
     print(f"run directory: {run_dir}", flush=True)
     try:
-        procs["learner"] = _spawn(run_dir, "learner", ["learner", *overrides, f"run_dir={run_dir}"])
+        learner_args = ["learner", "--config-name", config_name, *overrides, f"run_dir={run_dir}"]
+        procs["learner"] = _spawn(run_dir, "learner", learner_args)
         endpoints = run_dir / "endpoints.json"
         _wait_for(endpoints, procs["learner"], timeout_s=120.0)
         for i in range(cfg.rollout.num_actors):

@@ -51,11 +51,11 @@ class _Roles:
     where: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-def launch(overrides: list[str]) -> int:
+def launch(overrides: list[str], config_name: str = "train") -> int:
     """``async-rl launch``: place and run the roles on Ray until the learner is done."""
     from async_rl.logs import setup_logging
 
-    cfg = compose("train", overrides)
+    cfg = compose(config_name, overrides)
     setup_logging(cfg.log_level)
     ray_cfg = cfg.ray
     learner_device, actor_device = role_devices(cfg, ray_cfg)
@@ -71,7 +71,7 @@ def launch(overrides: list[str]) -> int:
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         learner_opts = [*overrides, f"run_dir={run_dir}", f"trainer.device={learner_device}"]
-        endpoint = _start_learner(roles, ray_cfg, learner_opts, cfg.transport.host, run_dir)
+        endpoint = _start_learner(roles, ray_cfg, config_name, learner_opts, cfg.transport.host, run_dir)
         threads = cfg.rollout.num_threads or default_threads(1 + cfg.rollout.num_actors)
         for i in range(cfg.rollout.num_actors):
             _start_actor(roles, ray_cfg, i, run_dir, cfg.log_level, (endpoint, actor_device, threads, keys))
@@ -139,7 +139,9 @@ def _connect(ray_cfg: RayConfig, num_actors: int) -> bool:
     return True
 
 
-def _start_learner(roles: _Roles, ray_cfg: RayConfig, opts: list[str], host: str, run_dir: Path) -> str:
+def _start_learner(
+    roles: _Roles, ray_cfg: RayConfig, config_name: str, opts: list[str], host: str, run_dir: Path
+) -> str:
     """Place and start the learner; its control endpoint once it has written endpoints.json."""
     import ray
 
@@ -156,7 +158,7 @@ def _start_learner(roles: _Roles, ray_cfg: RayConfig, opts: list[str], host: str
         # Actors may land on other nodes (now, or after a restart): bind, and advertise, an
         # address they can reach.
         opts = [*opts, f"transport.host={roles.where['learner']['ip']}"]
-    roles.runs["learner"] = roles.handles["learner"].run.remote(opts)
+    roles.runs["learner"] = roles.handles["learner"].run.remote(config_name, opts)
     path = run_dir / "endpoints.json"
     deadline = time.monotonic() + ray_cfg.start_timeout_s
     while not path.exists():
@@ -303,10 +305,10 @@ class _LearnerRole:
     def where(self) -> dict[str, Any]:
         return _where()
 
-    def run(self, overrides: list[str]) -> int:
+    def run(self, config_name: str, overrides: list[str]) -> int:
         from async_rl.launcher import learner
 
-        return learner(overrides)
+        return learner(overrides, config_name)
 
 
 class _ActorRole:

@@ -24,7 +24,7 @@ import torch
 from async_rl.config import Config, default_threads
 from async_rl.data import PromptSource, build_datasets
 from async_rl.schema import Lease, TrajectoryGroup
-from async_rl.text import load_tokenizer, render_prompt
+from async_rl.text import load_tokenizer, render_prompt, stop_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ def run_reference(cfg: Config, model_path: str | Path) -> Any:
     torch.manual_seed(cfg.seed)
     device = torch.device("cpu")
     tokenizer = load_tokenizer(str(model_path))
+    stop_ids = frozenset(stop_token_ids(str(model_path), tokenizer))
     dtype = getattr(torch, cfg.model.dtype)
     model: Any = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=dtype).eval()
     optimizer = torch.optim.AdamW(
@@ -54,7 +55,7 @@ def run_reference(cfg: Config, model_path: str | Path) -> Any:
     train_prompts, _ = build_datasets(cfg.data, seed=cfg.seed)
     tr, ro = cfg.trainer, cfg.rollout
     if tr.warmup_sft_steps:
-        warm_start_from_config(model, tokenizer, train_prompts, cfg)
+        warm_start_from_config(model, tokenizer, train_prompts, cfg, sorted(stop_ids))
     engine = TorchEngine(
         str(model_path),
         device="cpu",
@@ -63,7 +64,7 @@ def run_reference(cfg: Config, model_path: str | Path) -> Any:
         max_new_tokens=ro.max_new_tokens,
         temperature=ro.temperature,
         top_p=ro.top_p,
-        eos_token_id=tokenizer.eos_token_id,
+        stop_token_ids=sorted(stop_ids),
         pad_token_id=tokenizer.pad_token_id,
         seed=cfg.seed,
     )
@@ -86,7 +87,7 @@ def run_reference(cfg: Config, model_path: str | Path) -> Any:
                 for sample in engine.step():
                     samples[sample.request_id].append(sample)
             for seq, lease in leases.items():
-                group = score_group(tokenizer, lease, prompt_ids[seq], samples[seq], "reference")
+                group = score_group(tokenizer, lease, prompt_ids[seq], samples[seq], "reference", stop_ids)
                 rewards = [r.reward for r in group.responses]
                 if not filters or max(rewards) > min(rewards):
                     accepted.append((seq, group))

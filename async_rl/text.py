@@ -34,14 +34,45 @@ def load_tokenizer(path: str) -> Any:
 
 
 def render_prompt(tokenizer: Any, question: str, template: Template) -> list[int]:
-    """Token ids of the prompt: the chat template when asked for and available, else the
-    question verbatim (no special tokens added)."""
+    """Token ids of the prompt.
+
+    * ``auto`` with a chat template: the template's text (it writes its own BOS where the model
+      wants one), tokenized without adding special tokens, so BOS is never doubled;
+    * otherwise (``none``, or a tokenizer without a template): the question as the tokenizer
+      encodes it by default, special tokens included. A tokenizer that adds BOS (Llama, Gemma)
+      gives BOS + question, as ``tokenizer(question)`` did when the model was fine-tuned.
+    """
     if template is Template.AUTO and getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
         )
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return list(tokenizer(question, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(question)["input_ids"])
+
+
+def stop_token_ids(path: str, tokenizer: Any) -> list[int]:
+    """Every token id that ends a response: the EOS ids of the model's generation config (one
+    or a list; Llama 3 has three) and of its config, and the tokenizer's EOS. Sorted."""
+    import json
+
+    ids = {int(tokenizer.eos_token_id)}
+    for name in ("generation_config.json", "config.json"):
+        file = Path(path) / name
+        if not file.is_file():
+            continue
+        try:
+            value = json.loads(file.read_text()).get("eos_token_id")
+        except (OSError, ValueError, AttributeError) as err:
+            raise ValueError(f"model.path={path}: {name} is not a readable JSON object ({err})") from None
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, int) and not isinstance(item, bool):
+                ids.add(item)
+    return sorted(ids)
+
+
+def strip_stop(token_ids: list[int], stop_ids: set[int] | frozenset[int]) -> list[int]:
+    """``token_ids`` without a final stop token (the stop token is not part of the answer)."""
+    return token_ids[:-1] if token_ids and token_ids[-1] in stop_ids else token_ids
 
 
 def response_text(tokenizer: Any, token_ids: list[int]) -> str:

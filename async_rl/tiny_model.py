@@ -25,6 +25,8 @@ logger = logging.getLogger(__name__)
 PAD_TOKEN = "<pad>"
 EOS_TOKEN = "<eos>"
 UNK_TOKEN = "<unk>"
+# Only in a model built with add_bos=True (for tests of prompt rendering): id 259, after the bytes.
+BOS_TOKEN = "<bos>"
 # Order fixes the ids: <pad> must be 0 (padding with id 0 is a common default), then eos, unk.
 SPECIAL_TOKENS = (PAD_TOKEN, EOS_TOKEN, UNK_TOKEN)
 # Token id of byte b is BYTE_OFFSET + b, so "0" is 51, "+" is 46, " " is 35, "\n" is 13.
@@ -63,7 +65,7 @@ def _byte_to_unicode() -> dict[int, str]:
     return mapping
 
 
-def _build_tokenizer(model_max_length: int):  # -> transformers.PreTrainedTokenizerFast
+def _build_tokenizer(model_max_length: int, add_bos: bool = False):  # -> PreTrainedTokenizerFast
     """A character-level tokenizer: byte-level BPE over the 256 bytes with no merges.
 
     Why not a WordLevel model over characters: transformers 5 loads every ``model_type=qwen2``
@@ -74,12 +76,14 @@ def _build_tokenizer(model_max_length: int):  # -> transformers.PreTrainedTokeni
     (which reads tokenizer.json as written). Every ASCII character is one token; other
     characters are their UTF-8 bytes, so no text is ever unknown and decode(encode(s)) == s.
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
     for byte, char in _byte_to_unicode().items():
         vocab[char] = BYTE_OFFSET + byte
+    if add_bos:
+        vocab[BOS_TOKEN] = len(vocab)
     backend = Tokenizer(
         models.BPE(vocab=vocab, merges=[], unk_token=None, fuse_unk=False, byte_fallback=False)
     )
@@ -92,11 +96,19 @@ def _build_tokenizer(model_max_length: int):  # -> transformers.PreTrainedTokeni
         ]
     )
     backend.decoder = decoders.ByteLevel()
+    if add_bos:
+        # As Llama's tokenizer does: encode() puts BOS first unless add_special_tokens=False.
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{BOS_TOKEN} $A",
+            pair=f"{BOS_TOKEN} $A $B",
+            special_tokens=[(BOS_TOKEN, vocab[BOS_TOKEN])],
+        )
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         pad_token=PAD_TOKEN,
         eos_token=EOS_TOKEN,
         unk_token=UNK_TOKEN,
+        **({"bos_token": BOS_TOKEN} if add_bos else {}),
         model_max_length=model_max_length,
         # Cleanup would delete the space in "12 , 3"; characters must round-trip exactly.
         clean_up_tokenization_spaces=False,
@@ -113,12 +125,14 @@ def build_tiny_model(
     num_kv_heads: int = 2,
     intermediate_size: int = 512,
     max_position_embeddings: int = 256,
+    add_bos: bool = False,
 ) -> Path:
     """Write a seeded random ``Qwen2ForCausalLM`` and its character tokenizer to ``out_dir``.
 
     Two builds with the same arguments write bit-identical ``model.safetensors``. With the
     defaults the model has 525,824 parameters and a vocabulary of 259 tokens (<pad> 0, <eos> 1,
-    <unk> 2, then byte b at 3 + b).
+    <unk> 2, then byte b at 3 + b). ``add_bos``: a tokenizer that puts ``<bos>`` (id 259, vocabulary
+    260) before every encoded text unless told not to, as Llama-family tokenizers do.
     """
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -131,8 +145,9 @@ def build_tiny_model(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    tokenizer = _build_tokenizer(max_position_embeddings)
+    tokenizer = _build_tokenizer(max_position_embeddings, add_bos)
     eos_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
+    bos_id = tokenizer.convert_tokens_to_ids(BOS_TOKEN) if add_bos else eos_id
     pad_id = tokenizer.convert_tokens_to_ids(PAD_TOKEN)
     config = Qwen2Config(
         vocab_size=len(tokenizer),
@@ -144,7 +159,7 @@ def build_tiny_model(
         max_position_embeddings=max_position_embeddings,
         tie_word_embeddings=True,
         # Real Qwen2 checkpoints also set bos == eos; the tokenizer never adds a BOS itself.
-        bos_token_id=eos_id,
+        bos_token_id=bos_id,
         eos_token_id=eos_id,
         pad_token_id=pad_id,
     )
@@ -152,7 +167,7 @@ def build_tiny_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Qwen2ForCausalLM(config).float()
-    model.generation_config.bos_token_id = eos_id
+    model.generation_config.bos_token_id = bos_id
     model.generation_config.eos_token_id = eos_id
     model.generation_config.pad_token_id = pad_id
     model.save_pretrained(out_dir, safe_serialization=True)
@@ -178,13 +193,17 @@ def default_model_dir(seed: int = 0) -> Path:
     ``$XDG_CACHE_HOME/async-rl/tiny-qwen2-char-s{seed}-v2`` (``XDG_CACHE_HOME`` defaults to
     ``~/.cache``).
     """
+    return cache_root() / f"tiny-qwen2-char-s{seed}-v{_CACHE_VERSION}"
+
+
+def cache_root() -> Path:
+    """Where async-rl caches what it builds (the tiny model, converted GGUF models):
+    ``$ASYNC_RL_CACHE_DIR``, else ``$XDG_CACHE_HOME/async-rl`` (``~/.cache/async-rl``)."""
     base_env = os.environ.get("ASYNC_RL_CACHE_DIR")
     if base_env:
-        base = Path(base_env).expanduser()
-    else:
-        xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-        base = Path(xdg).expanduser() / "async-rl"
-    return base / f"tiny-qwen2-char-s{seed}-v{_CACHE_VERSION}"
+        return Path(base_env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg).expanduser() / "async-rl"
 
 
 def _is_complete(path: Path) -> bool:

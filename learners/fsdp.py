@@ -62,8 +62,18 @@ from async_rl.config import Config, default_threads, from_dict, to_dict
 from async_rl.logs import setup_logging
 from async_rl.schema import SchemaError, TrajectoryGroup, decode, encode
 from learners.advantages import AdvantageEstimator
-from learners.loss import policy_loss
-from learners.trainer import Batch, StepParams, advantages_for, make_batch, mismatch_kl_sum, token_logprobs
+from learners.trainer import (
+    Accumulated,
+    Batch,
+    StepParams,
+    accumulate_gradients,
+    advantages_for,
+    autocast,
+    make_batch,
+    micro_batches,
+    step_metrics,
+    token_logprobs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +95,9 @@ def shard_model(model: torch.nn.Module, *, device_type: str, reshard_after_forwa
     for module in model.modules():
         if module is not model and type(module).__name__ in blocks:
             fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward)
-    return fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    # The root unit keeps its weights gathered after forward: the learner applies the LM head
+    # to the final hidden states itself, after the model's forward (learners/logprobs.py).
+    return fully_shard(model, mesh=mesh, reshard_after_forward=False)
 
 
 def split_groups(n_groups: int, world_size: int) -> list[tuple[int, int]]:
@@ -127,62 +139,52 @@ def sharded_train_step(
     for lo, hi in spans:
         first, last = split_groups(hi - lo, world)[rank]
         local.append(slice((lo + first) * g, (lo + last) * g))
+    micro = [micro_batches(batch, rows, p.micro_batch_tokens) for rows in local]
+    # Every forward and backward is a collective over the ranks: ranks with fewer micro-batches
+    # than another run zero-weight passes to match it.
+    padding = [_max_over_ranks(len(parts), batch.mask.device) - len(parts) for parts in micro]
     proximal = None
     if p.mini_batches > 1:
         # The proximal policy is the weights before the first optimizer step of this batch.
-        with torch.no_grad():
-            proximal = [token_logprobs(model, batch, rows, p.temperature) for rows in local]
+        proximal = torch.zeros(batch.mask.shape, dtype=torch.float32, device=batch.mask.device)
+        with torch.no_grad(), autocast(p.autocast_dtype, batch.input_ids.device):
+            for parts, extra in zip(micro, padding):
+                for rows in parts:
+                    proximal[rows] = token_logprobs(model, batch, rows, p.temperature)
+                for _ in range(extra):
+                    token_logprobs(model, batch, parts[0][:1], p.temperature)
     model.train()
     sums: dict[str, float] = {}
     kl = torch.zeros(2, dtype=torch.float64, device=batch.mask.device)  # [sum, tokens], global
-    for m, ((lo, hi), rows) in enumerate(zip(spans, local)):
-        logprobs = token_logprobs(model, batch, rows, p.temperature)
-        prox = logprobs.detach() if proximal is None else proximal[m]
-        kl_local = mismatch_kl_sum(batch, rows, prox, version)
-        loss, metrics = policy_loss(
-            logprobs,
-            prox,
-            batch.behavior_logprobs[rows],
-            adv[rows],
-            batch.mask[rows],
-            eps_low=p.eps_low,
-            eps_high=p.eps_high,
-            is_cap=p.is_cap,
-        )
-        local_tokens = int(batch.mask[rows].sum())
+    for (lo, hi), parts, extra in zip(spans, micro, padding):
         step_tokens = int(batch.mask[lo * g : hi * g].sum())
         optimizer.zero_grad(set_to_none=True)
         # The token-mean scale of the module doc: FSDP's average over ranks then gives the
         # one-process gradient of this mini-batch.
-        (loss * (world * local_tokens / max(step_tokens, 1))).backward()
+        acc = accumulate_gradients(
+            model, batch, parts, adv, proximal, p, version, step_tokens, scale=world, padding=extra
+        )
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip or float("inf"))
         optimizer.step()
-        metrics = _token_weighted(metrics, local_tokens, step_tokens, kl, kl_local)
+        metrics = _token_weighted(acc, step_tokens, kl)
         metrics["grad_norm"] = _to_float(grad_norm)
         for key, value in metrics.items():
             sums[key] = sums.get(key, 0.0) + value / p.mini_batches
     model.eval()
-    out = {f"loss/{k}": v for k, v in sums.items()}
-    out["reward/shaped_mean"] = float(shaped.mean())
-    per_token = adv[batch.mask] if adv.dim() == 2 else adv
-    out["reward/advantage_abs_mean"] = float(per_token.abs().mean())
-    out |= estimator.metrics
-    out["train/tokens"] = float(batch.mask.sum())
-    out["rollout/mismatch_kl"] = float(kl[0] / kl[1].clamp(min=1))
-    return out
+    return step_metrics(sums, shaped, adv, batch, estimator, float(kl[0]), int(kl[1]))
 
 
-def _token_weighted(
-    metrics: dict[str, float],
-    local_tokens: int,
-    step_tokens: int,
-    kl: torch.Tensor,
-    kl_local: tuple[float, int],
-) -> dict[str, float]:
-    """Token means over the whole mini-batch from each rank's token means (one all-reduce), and
+def _max_over_ranks(value: int, device: torch.device) -> int:
+    total = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(total, op=dist.ReduceOp.MAX)
+    return int(total)
+
+
+def _token_weighted(acc: Accumulated, step_tokens: int, kl: torch.Tensor) -> dict[str, float]:
+    """Token means over the whole mini-batch from each rank's token sums (one all-reduce), and
     the mismatch-KL sum and count added into ``kl``."""
-    keys = sorted(metrics)  # the same order on every rank
-    values = [metrics[k] * local_tokens for k in keys] + [kl_local[0], kl_local[1]]
+    keys = sorted(acc.token_sums)  # the same order on every rank
+    values = [acc.token_sums[k] for k in keys] + [acc.kl_sum, acc.kl_tokens]
     total = torch.tensor(values, dtype=torch.float64, device=kl.device)
     dist.all_reduce(total)
     kl += total[-2:]

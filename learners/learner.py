@@ -36,13 +36,14 @@ from async_rl.schema import (
     Message,
     SyncDone,
 )
-from async_rl.text import check_model_dir, load_tokenizer
+from async_rl.text import check_model_dir, load_tokenizer, stop_token_ids
 from async_rl.transport import Endpoints, LearnerServer, RateLimitedLog, load_server_keys
 from learners.advantages import estimator_from_config
 from learners.checkpoint import load_checkpoint, save_checkpoint
 from learners.critic import TrajectoryWriter, delimiter_token_ids, records_from_groups
 from learners.evaluate import greedy_accuracy
 from learners.fsdp import ShardedTrainer
+from learners.logprobs import check_logprobs
 from learners.restart import (
     LEASE_ID_BITS,
     checkpoint_to_resume,
@@ -83,10 +84,16 @@ class Learner(Service):
         check_model_dir(model_path)
         self.model_path = model_path
         self.tokenizer = load_tokenizer(model_path)
+        self.stop_ids = stop_token_ids(model_path, self.tokenizer)
         from transformers import AutoModelForCausalLM
 
         model: Any = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, cfg.model.dtype))
         self.model: Any = model.to(self.device).eval()
+        # The learner's logprobs come from the final hidden states, never from full logits:
+        # refuse an architecture whose logits that path would not reproduce.
+        check_logprobs(self.model, len(self.tokenizer))
+        if cfg.trainer.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # One flat buffer per dtype: the weight broadcast sends its buckets without packing.
         broadcast.flatten_parameters_(self.model)
         self.optimizer = torch.optim.AdamW(
@@ -219,7 +226,9 @@ class Learner(Service):
             self._log_step(self.version, metrics, start, last)
 
     def _warm_start(self) -> None:
-        result = warm_start_from_config(self.model, self.tokenizer, self.train_prompts, self.cfg)
+        result = warm_start_from_config(
+            self.model, self.tokenizer, self.train_prompts, self.cfg, self.stop_ids
+        )
         logger.info("warm start done: %d steps, final loss %.3f", result.steps, result.loss)
         self.warm_start_metrics = {"warmup/steps": result.steps, "warmup/loss": result.loss}
         if result.accuracy is not None:
@@ -441,6 +450,8 @@ class Learner(Service):
             self.eval_prompts,
             template=self.cfg.data.template,
             max_new_tokens=self.cfg.rollout.max_new_tokens,
+            stop_ids=self.stop_ids,
+            max_batch_tokens=self.cfg.trainer.micro_batch_tokens,
         )
         return {"eval/accuracy": accuracy, "time/eval_s": time.monotonic() - start}
 

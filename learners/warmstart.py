@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,7 @@ from async_rl.config import Config, Template
 from async_rl.data import Prompt, sft_text
 from async_rl.text import render_prompt
 from learners.evaluate import greedy_accuracy
+from learners.trainer import micro_batches, pack_rows, token_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -46,10 +48,14 @@ def warm_start(
     lr: float,
     template: Template,
     seed: int,
+    stop_ids: Sequence[int],
     target_accuracy: float = 0.0,
     max_new_tokens: int = 8,
+    micro_batch_tokens: int = 4096,
 ) -> WarmStartResult:
-    """Up to ``steps`` AdamW steps of next-token loss on the response tokens.
+    """Up to ``steps`` AdamW steps of next-token loss on the response tokens (the token mean
+    over each batch of ``batch_size`` rows, accumulated over micro-batches of at most
+    ``micro_batch_tokens`` padded tokens).
 
     With ``target_accuracy`` > 0, every 100 steps the greedy accuracy on the first 200 of
     ``prompts`` is measured, and the warm start stops once it reaches the target.
@@ -68,26 +74,33 @@ def warm_start(
     loss_value, accuracy = float("nan"), None
     step = 0
     while step < steps:
-        chunk = [rows[rng.randrange(len(rows))] for _ in range(batch_size)]
-        width = max(len(a) + len(b) for a, b in chunk)
-        ids = torch.full((batch_size, width), tokenizer.pad_token_id, dtype=torch.long)
-        labels = torch.full((batch_size, width), -100, dtype=torch.long)
-        mask = torch.zeros((batch_size, width), dtype=torch.long)
-        for i, (a, b) in enumerate(chunk):
-            ids[i, : len(a) + len(b)] = torch.tensor(a + b)
-            labels[i, len(a) : len(a) + len(b)] = torch.tensor(b)
-            mask[i, : len(a) + len(b)] = 1
-        loss = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)).loss
+        batch = pack_rows(
+            [rows[rng.randrange(len(rows))] for _ in range(batch_size)],
+            pad_id=tokenizer.pad_token_id,
+            device=device,
+        )
+        tokens = int(batch.mask.sum())
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss_sum = 0.0
+        for micro in micro_batches(batch, slice(0, batch_size), micro_batch_tokens):
+            logprobs = token_logprobs(model, batch, micro, 1.0)
+            loss = -logprobs.sum() / tokens  # this micro-batch's share of the batch's token mean
+            loss.backward()
+            loss_sum += float(loss.detach())
         # Without clipping, a late loss spike can undo the warm start (seen at lr 3e-3).
         torch.nn.utils.clip_grad_norm_(model.parameters(), _GRAD_CLIP)
         optimizer.step()
-        loss_value = float(loss.detach())
+        loss_value = loss_sum
         step += 1
         if target_accuracy > 0 and (step % _CHECK_EVERY == 0 or step == steps):
             accuracy = greedy_accuracy(
-                model, tokenizer, check, template=template, max_new_tokens=max_new_tokens
+                model,
+                tokenizer,
+                check,
+                template=template,
+                max_new_tokens=max_new_tokens,
+                stop_ids=stop_ids,
+                max_batch_tokens=micro_batch_tokens,
             )
             model.train()
             logger.info(
@@ -106,7 +119,9 @@ def warm_start(
     return WarmStartResult(step, loss_value, accuracy)
 
 
-def warm_start_from_config(model: Any, tokenizer: Any, prompts: list[Prompt], cfg: Config) -> WarmStartResult:
+def warm_start_from_config(
+    model: Any, tokenizer: Any, prompts: list[Prompt], cfg: Config, stop_ids: Sequence[int]
+) -> WarmStartResult:
     """``warm_start`` with the ``trainer.warmup_sft_*`` settings of ``cfg``."""
     tr = cfg.trainer
     result = warm_start(
@@ -118,8 +133,10 @@ def warm_start_from_config(model: Any, tokenizer: Any, prompts: list[Prompt], cf
         lr=tr.warmup_sft_lr,
         template=cfg.data.template,
         seed=cfg.seed,
+        stop_ids=stop_ids,
         target_accuracy=tr.warmup_sft_target,
         max_new_tokens=cfg.rollout.max_new_tokens,
+        micro_batch_tokens=tr.micro_batch_tokens,
     )
     if tr.warmup_sft_target > 0 and (result.accuracy or 0.0) < tr.warmup_sft_target:
         logger.warning(

@@ -70,7 +70,7 @@ def _warm_start_into(cfg: Config, base: str, target: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     from async_rl.data import build_datasets
-    from async_rl.text import load_tokenizer
+    from async_rl.text import load_tokenizer, stop_token_ids
     from learners.warmstart import warm_start_from_config
 
     torch.set_num_threads(os.cpu_count() or 1)  # nothing else runs yet
@@ -78,7 +78,7 @@ def _warm_start_into(cfg: Config, base: str, target: Path) -> None:
     tokenizer = load_tokenizer(base)
     model: Any = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, cfg.model.dtype))
     train_prompts, _ = build_datasets(cfg.data, seed=cfg.seed)
-    result = warm_start_from_config(model, tokenizer, train_prompts, cfg)
+    result = warm_start_from_config(model, tokenizer, train_prompts, cfg, stop_token_ids(base, tokenizer))
     logger.info("bench warm start: %d steps, loss %.3f", result.steps, result.loss)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
@@ -185,13 +185,14 @@ def _generate(
     from actors.torch_engine import Request
     from async_rl.data import PromptSource, build_datasets
     from async_rl.schema import Lease
-    from async_rl.text import render_prompt
+    from async_rl.text import render_prompt, stop_token_ids
 
+    stop_ids = frozenset(stop_token_ids(model_path, tokenizer))
     engine = make_engine(
         cfg,
         model_path,
         device=_actor_device(cfg.trainer.device),
-        eos_token_id=tokenizer.eos_token_id,
+        stop_token_ids=sorted(stop_ids),
         pad_token_id=tokenizer.pad_token_id,
     )
     source = PromptSource(build_datasets(cfg.data, seed=cfg.seed)[0], seed=cfg.seed)
@@ -217,7 +218,7 @@ def _generate(
                     done.append(sample)
                     if len(done) == g:
                         del pending[sample.request_id]
-                        groups.append(score_group(tokenizer, lease, ids, done, "bench-capacity"))
+                        groups.append(score_group(tokenizer, lease, ids, done, "bench-capacity", stop_ids))
     finally:
         engine.close()
     return groups, lengths, clock

@@ -511,7 +511,7 @@ def _engine(kind: str, url: str) -> SGLangEngine:
         max_new_tokens=MAX_NEW,
         temperature=1.0,
         top_p=1.0,
-        eos_token_id=EOS,
+        stop_token_ids=[EOS],
         drain_timeout_s=60,
     )
 
@@ -550,7 +550,9 @@ def _assert_consistent(s: Sample, prompt: list[int]) -> None:
 
 
 def test_generate_payload_follows_the_documented_contract() -> None:
-    body = generate_payload([5, 6, 7], n=4, max_new_tokens=9, temperature=0.7, top_p=0.9, eos_token_id=EOS)
+    body = generate_payload(
+        [5, 6, 7], n=4, max_new_tokens=9, temperature=0.7, top_p=0.9, stop_token_ids=[EOS]
+    )
     assert set(body) <= GENERATE_FIELDS and set(body["sampling_params"]) <= SAMPLING_FIELDS
     assert body["input_ids"] == [5, 6, 7]
     assert body["return_logprob"] is True and body["stream"] is False
@@ -736,7 +738,7 @@ def test_the_factory_builds_the_http_adapter_from_the_config(url: str, tiny_mode
     cfg.rollout.engine = EngineKind.SGLANG
     cfg.rollout.sglang_url = url  # type: ignore[attr-defined]  # read with getattr until it is a field
     cfg.rollout.max_new_tokens = MAX_NEW
-    engine = make_engine(cfg, str(tiny_model_dir), device="cpu", eos_token_id=EOS, pad_token_id=0)
+    engine = make_engine(cfg, str(tiny_model_dir), device="cpu", stop_token_ids=[EOS], pad_token_id=0)
     assert isinstance(engine, SGLangEngine) and isinstance(engine.sglang, HttpBackend)
     try:
         _load(engine, 2)
@@ -828,7 +830,7 @@ def test_real_sglang_samples_and_takes_new_weights(tiny_model_dir: Path) -> None
     cfg.rollout.engine = EngineKind.SGLANG
     cfg.rollout.max_new_tokens = 6
     cfg.rollout.max_num_seqs = 8
-    engine = make_sglang_engine(cfg, str(tiny_model_dir), device="cuda:0", eos_token_id=EOS)
+    engine = make_sglang_engine(cfg, str(tiny_model_dir), device="cuda:0", stop_token_ids=[EOS])
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     try:
         with torch.no_grad():  # new weights: the learner's, scaled, through the staging buffers

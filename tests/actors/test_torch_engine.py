@@ -21,7 +21,7 @@ def _engine(path: Path, max_num_seqs: int = 12) -> TorchEngine:
         max_new_tokens=10,
         temperature=1.0,
         top_p=1.0,
-        eos_token_id=1,
+        stop_token_ids=[1],
         pad_token_id=0,
         seed=3,
     )
@@ -88,7 +88,7 @@ def test_a_request_can_cap_its_own_length(tiny_model_dir: Path) -> None:
         max_new_tokens=6,
         temperature=1.0,
         top_p=1.0,
-        eos_token_id=-1,  # no token ends a response: lengths are exactly the caps
+        stop_token_ids=[],  # no token ends a response: lengths are exactly the caps
         pad_token_id=0,
         seed=3,
     )

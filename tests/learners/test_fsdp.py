@@ -39,14 +39,17 @@ from learners.fsdp import (
     sharded_train_step,
     split_groups,
 )
-from learners.trainer import StepParams, make_batch, train_step
+from learners.trainer import StepParams, make_batch, micro_batches, train_step
 
 _GROUP_SIZE = 4
 _N_GROUPS = 5  # odd: shards of 3 and 2 groups, mini-batches of 2 and 3 groups
-# name -> (estimator, optimizer, mini_batches, grad_clip, dtype)
-_CASES: dict[str, tuple[str, str, int, float, torch.dtype]] = {
-    "sgd_two_mini_batches": ("group", "sgd", 2, 0.0, torch.float32),
-    "adamw_batch_estimator": ("batch", "adamw", 1, 1.0, torch.float64),
+# name -> (estimator, optimizer, mini_batches, grad_clip, dtype, micro_batch_tokens)
+_CASES: dict[str, tuple[str, str, int, float, torch.dtype, int]] = {
+    "sgd_two_mini_batches": ("group", "sgd", 2, 0.0, torch.float32, 4096),
+    "adamw_batch_estimator": ("batch", "adamw", 1, 1.0, torch.float64, 4096),
+    # Rows of 4..14 tokens, two or three per micro-batch: the ranks hold different numbers of
+    # micro-batches, so the one with fewer must run zero-weight passes to keep in step.
+    "sgd_micro_batches": ("group", "sgd", 2, 0.0, torch.float32, 24),
 }
 _TOL = 1e-5
 
@@ -81,7 +84,7 @@ def _groups(seed: int) -> list[TrajectoryGroup]:
     return groups
 
 
-def _params(mini_batches: int, grad_clip: float) -> StepParams:
+def _params(mini_batches: int, grad_clip: float, micro_batch_tokens: int = 4096) -> StepParams:
     return StepParams(
         eps_low=0.2,
         eps_high=0.28,
@@ -92,6 +95,7 @@ def _params(mini_batches: int, grad_clip: float) -> StepParams:
         max_new_tokens=8,
         overlong_buffer=2,
         overlong_penalty=1.0,
+        micro_batch_tokens=micro_batch_tokens,
     )
 
 
@@ -99,7 +103,7 @@ def _run_case(model_path: str, name: str, *, sharded: bool) -> tuple[dict[str, f
     """One learner step of case ``name``: the metrics and the weights after it (on rank 0)."""
     from transformers import AutoModelForCausalLM
 
-    kind, opt, mini_batches, grad_clip, dtype = _CASES[name]
+    kind, opt, mini_batches, grad_clip, dtype, micro_batch_tokens = _CASES[name]
     model: Any = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).eval()
     if sharded:
         shard_model(model, device_type="cpu")
@@ -120,7 +124,7 @@ def _run_case(model_path: str, name: str, *, sharded: bool) -> tuple[dict[str, f
         model,
         optimizer,
         batch,
-        _params(mini_batches, grad_clip),
+        _params(mini_batches, grad_clip, micro_batch_tokens),
         version=0,
         estimator=make_estimator(kind, group_size=_GROUP_SIZE),
     )
@@ -164,6 +168,16 @@ def test_two_fsdp_ranks_match_one_process(tiny_model_dir: Path, tmp_path: Path) 
     mask = make_batch(_groups(seed=3), pad_id=0, device=torch.device("cpu")).mask
     rows = [sum(r.length for g in _groups(3)[lo:hi] for r in g.responses) for lo, hi in split_groups(5, 2)]
     assert int(mask.sum()) == sum(rows) and rows[0] != rows[1]
+    # ... and in the micro-batched case, different numbers of micro-batches in a mini-batch.
+    batch = make_batch(_groups(seed=3), pad_id=0, device=torch.device("cpu"))
+    counts = [
+        [
+            len(micro_batches(batch, slice((start + lo) * _GROUP_SIZE, (start + hi) * _GROUP_SIZE), 24))
+            for lo, hi in split_groups(end - start, 2)
+        ]
+        for start, end in ((0, 2), (2, 5))  # the two mini-batches of 5 groups
+    ]
+    assert any(a != b for a, b in counts), counts
 
     out = tmp_path / "sharded.pt"
     mp.spawn(_worker, args=(2, _free_port(), str(tiny_model_dir), str(out)), nprocs=2, join=True)
