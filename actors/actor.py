@@ -357,10 +357,12 @@ def run_actor(
     client = connect()
     actor = None
     connected = ""
+    known = False  # registered with the learner at least once: it is told when this actor leaves
     outbox: dict[int, TrajectoryGroup] = {}  # unacknowledged groups carried across reconnects
     try:
         while True:
             registered = register(client, timeout_s=5.0, give_up_s=give_up_s)
+            known = True
             if registered.trajectory_endpoint != connected:
                 client.connect_trajectory(registered.trajectory_endpoint)
                 connected = registered.trajectory_endpoint
@@ -398,9 +400,13 @@ def run_actor(
             logger.warning("actor %s was evicted by the learner; registering again", actor_id)
             actor.close()
             actor = None
+    except KeyboardInterrupt:  # SIGINT, or SIGTERM/SIGHUP/a parent gone with `async-rl actor`
+        logger.info("actor %s stopping: interrupted; saying bye to the learner", actor_id)
+        raise
     finally:
-        if actor is not None:
+        if known:
             with contextlib.suppress(Exception):  # the learner may already be gone
                 client.send(Bye(actor_id, "actor exiting"))
+        if actor is not None:
             actor.close()
         client.close()

@@ -191,15 +191,20 @@ def main(argv: list[str] | None = None) -> int:
             case "actor":
                 opts = _actor_options(args.options)
                 setup_logging(opts.get("log_level", "INFO"))
-                from actors.actor import run_actor
+                from async_rl.supervise import ParentWatch, interrupt_on_stop_signals
 
-                run_actor(
-                    opts["learner"],
-                    actor_id=opts.get("id") or f"actor-{os.uname().nodename}-{os.getpid()}",
-                    device=opts.get("device", "cpu"),
-                    num_threads=int(opts.get("threads", "0")),
-                    keys_dir=opts.get("keys", ""),
-                )
+                # SIGTERM, SIGHUP and the death of the launcher that started it stop the actor
+                # as Ctrl-C does: it leaves its loop and says bye to the learner.
+                with interrupt_on_stop_signals(), ParentWatch():
+                    from actors.actor import run_actor
+
+                    run_actor(
+                        opts["learner"],
+                        actor_id=opts.get("id") or f"actor-{os.uname().nodename}-{os.getpid()}",
+                        device=opts.get("device", "cpu"),
+                        num_threads=int(opts.get("threads", "0")),
+                        keys_dir=opts.get("keys", ""),
+                    )
                 return 0
     except (ValueError, FileNotFoundError, FileExistsError, TimeoutError, OSError, RuntimeError) as err:
         # Errors a user can cause get one line that names the thing and the fix.

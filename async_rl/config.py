@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,10 +24,38 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 class _ByValue(enum.EnumMeta):
     """OmegaConf looks enum members up by name; let users write the lowercase value
-    (``mode=sync``, ``data.kind=jsonl``) while the code keeps UPPER_CASE names."""
+    (``mode=sync``, ``data.kind=jsonl``) while the code keeps UPPER_CASE names. Error messages
+    list the values, as users type them (``_as_typed``)."""
 
     def __getitem__(cls, name: str) -> Any:  # type: ignore[override]
         return super().__getitem__(name.upper())
+
+
+def _by_value_enums() -> list[type[enum.Enum]]:
+    """Every enum of the configs (bench's too, once imported)."""
+    found, todo = [], list(enum.Enum.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        if isinstance(cls, _ByValue):
+            found.append(cls)
+    return found
+
+
+# OmegaConf's message for a bad enum value names the members: "expected one of [SYNC, ASYNC]".
+_ONE_OF = re.compile(r"expected one of \[([A-Za-z0-9_, ]*)\]")
+
+
+def _as_typed(text: str) -> str:
+    """``text`` with each list of enum member names replaced by the values a user types."""
+
+    def values(match: re.Match[str]) -> str:
+        names = [n.strip() for n in match.group(1).split(",") if n.strip()]
+        cls = next((c for c in _by_value_enums() if list(c.__members__) == names), None)
+        typed = [str(cls.__members__[n].value) if cls else n.lower() for n in names]
+        return f"expected one of [{', '.join(typed)}]"
+
+    return _ONE_OF.sub(values, text)
 
 
 class Mode(enum.Enum, metaclass=_ByValue):
@@ -486,10 +515,11 @@ def compose(config_name: str = "train", overrides: list[str] | None = None) -> C
     if not (CONFIG_DIR / f"{config_name}.yaml").is_file():
         names = sorted(f.stem for f in CONFIG_DIR.glob("*.yaml"))
         raise ValueError(f"--config-name {config_name}: no configs/{config_name}.yaml; choose one of {names}")
+    overrides = _without_hydra_keys(overrides or [])
     register_configs()
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            cfg = hydra_compose(config_name=config_name, overrides=overrides or [])
+            cfg = hydra_compose(config_name=config_name, overrides=overrides)
         obj: Any = OmegaConf.to_object(cfg)
     except (HydraException, OmegaConfBaseException) as err:
         raise ValueError(f"bad configuration: {_first_line(err)}") from None
@@ -497,12 +527,35 @@ def compose(config_name: str = "train", overrides: list[str] | None = None) -> C
     return obj
 
 
+def _without_hydra_keys(overrides: list[str]) -> list[str]:
+    """``overrides`` with ``hydra.run.dir=DIR`` as ``run_dir=DIR`` (the run directory, as Hydra
+    users expect; the later of the two wins, as for any key). Any other of Hydra's own
+    settings (``hydra.*``, ``hydra/...``) is an error: the commands compose the config without
+    running a Hydra app, so such a setting would be silently ignored."""
+    kept = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        name = key.lstrip("+~")
+        if name != "hydra" and not name.startswith(("hydra.", "hydra/")):
+            kept.append(item)
+        elif name == "hydra.run.dir" and sep and not key.startswith("~"):
+            kept.append(f"run_dir={value}")
+        else:
+            raise ValueError(
+                f"bad configuration: {item}: of Hydra's own settings (hydra.*) async-rl takes only "
+                "hydra.run.dir, as run_dir; set the run directory with run_dir=DIR"
+            )
+    return kept
+
+
 def _first_line(err: BaseException) -> str:
-    """Hydra's messages span lines (the key, the value, the schema): keep them on one."""
+    """Hydra's messages span lines (the key, the value, the schema): keep them on one, with
+    enum values as the user types them."""
     text = str(err) + ("\n" + str(err.__cause__) if err.__cause__ else "")
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    lines = [line for line in lines if not line.startswith(("full_key:", "object_type="))] or lines
-    return " ".join(lines) if lines else type(err).__name__
+    noise = ("full_key:", "object_type=", "reference_type=")
+    lines = [line for line in lines if not line.startswith(noise)] or lines
+    return _as_typed(" ".join(lines)) if lines else type(err).__name__
 
 
 def to_dict(cfg: Any) -> Any:

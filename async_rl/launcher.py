@@ -3,14 +3,15 @@
 
 Every role is a separate OS process that talks only through ZeroMQ and
 torch.distributed, exactly as on a cluster. The launcher starts them, shows progress from
-``metrics.jsonl``, and on completion or Ctrl-C stops the processes it started, by pid.
+``metrics.jsonl``, and at the end, or on SIGINT, SIGTERM or SIGHUP, stops the processes it
+started, by pid; a repeated signal stops them faster, then kills them (``async_rl.supervise``).
+The children watch the launcher and stop on their own if it dies.
 """
 
 from __future__ import annotations
 
 import datetime
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -19,11 +20,16 @@ from pathlib import Path
 from typing import Any
 
 from async_rl.config import Config, compose, default_threads, flat_keys, to_dict
+from async_rl.supervise import Grace, ParentWatch, StopRequests, child_env, wait_or_kill
 
 logger = logging.getLogger(__name__)
 
-# How long processes get to exit on their own after the learner is done or Ctrl-C.
+# How long processes get to exit on their own after the learner is done or a first signal.
 _EXIT_GRACE_S = 15.0
+
+
+class Interrupted(Exception):
+    """A stop was requested (SIGINT, SIGTERM or SIGHUP) while the launcher was waiting."""
 
 
 def make_run_dir(cfg: Config) -> Path:
@@ -69,20 +75,20 @@ def learner(overrides: list[str], config_name: str = "train") -> int:
     if cfg.learner.resume:
         warn_config_changes(cfg, run_dir)
     write_config(cfg, run_dir)
-    model_path = resolve_model(cfg)
-    from learners.learner import Learner
+    # SIGINT, SIGTERM, SIGHUP and the death of the launcher that started it all make the
+    # learner finish the step in hand, save, say bye and write accounting.json. A request
+    # made while the model loads takes effect as soon as the learner exists.
+    with StopRequests() as stop, ParentWatch():
+        model_path = resolve_model(cfg)
+        from learners.learner import Learner
 
-    learner_ = Learner(cfg, run_dir, model_path)
-    previous = {
-        sig: signal.signal(sig, lambda *_: learner_.stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)
-    }
-    logger.info("learner up: run dir %s, control %s", run_dir, learner_.endpoints.control)
-    try:
-        learner_.run()
-    finally:
-        learner_.close()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        learner_ = Learner(cfg, run_dir, model_path)
+        stop.forward_to(learner_.stop.set)
+        logger.info("learner up: run dir %s, control %s", run_dir, learner_.endpoints.control)
+        try:
+            learner_.run()
+        finally:
+            learner_.close()
     return 0
 
 
@@ -119,27 +125,36 @@ def train(overrides: list[str], config_name: str = "train") -> int:
     threads = cfg.rollout.num_threads or default_threads(1 + cfg.rollout.num_actors)
     procs: dict[str, subprocess.Popen[bytes]] = {}
     print(f"run directory: {run_dir}", flush=True)
-    try:
-        learner_args = ["learner", "--config-name", config_name, *overrides, f"run_dir={run_dir}"]
-        procs["learner"] = _spawn(run_dir, "learner", learner_args)
-        endpoints = run_dir / "endpoints.json"
-        _wait_for(endpoints, procs["learner"], timeout_s=120.0)
-        for i in range(cfg.rollout.num_actors):
-            name = f"actor-{i}"
-            opts = [f"learner={endpoints}", f"id={name}", f"threads={threads}", f"log_level={cfg.log_level}"]
-            opts.append(f"device={_actor_device(cfg.trainer.device)}")
-            if keys:
-                opts.append(f"keys={keys}")
-            procs[name] = _spawn(run_dir, name, ["actor", *opts])
-        code = _follow(run_dir, procs, cfg)
-    except KeyboardInterrupt:
-        print("\ninterrupted: stopping processes", flush=True)
-        code = 130
-    finally:
-        _stop_all(procs)
+    # Signals are only counted from here on (never raised): every wait below polls them, so
+    # no signal can land between starting a child and recording it, nor cut a stop short.
+    with StopRequests() as stop, ParentWatch():
+        try:
+            learner_args = ["learner", "--config-name", config_name, *overrides, f"run_dir={run_dir}"]
+            procs["learner"] = _spawn(run_dir, "learner", learner_args)
+            endpoints = run_dir / "endpoints.json"
+            _wait_for(endpoints, procs["learner"], timeout_s=120.0, stop=stop)
+            device = _actor_device(cfg.trainer.device)
+            for i in range(cfg.rollout.num_actors):
+                _check(stop)
+                name = f"actor-{i}"
+                opts = [f"learner={endpoints}", f"id={name}", f"threads={threads}", f"device={device}"]
+                opts.append(f"log_level={cfg.log_level}")
+                if keys:
+                    opts.append(f"keys={keys}")
+                procs[name] = _spawn(run_dir, name, ["actor", *opts])
+            code = _follow(run_dir, procs, cfg, stop)
+        except Interrupted:
+            code = stop.exit_code
+        finally:
+            _stop_all(procs, stop)
     if code == 0:
         print(f"done. metrics: {run_dir / 'metrics.jsonl'}", flush=True)
     return code
+
+
+def _check(stop: StopRequests) -> None:
+    if stop.requested:
+        raise Interrupted(stop.name)
 
 
 def curve_keys_for_actors(cfg: Config) -> str:
@@ -165,22 +180,23 @@ def _actor_device(learner_device: str) -> str:
 
 
 def _spawn(run_dir: Path, name: str, args: list[str]) -> subprocess.Popen[bytes]:
-    log = (run_dir / f"{name}.out").open("wb")
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
     # A new session: Ctrl-C in the terminal reaches only the launcher, which then stops
-    # its children in order instead of all of them dying at once mid-collective.
-    return subprocess.Popen(
-        [sys.executable, "-m", "async_rl.cli", *args],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-        start_new_session=True,
-    )
+    # its children in order instead of all of them dying at once mid-collective. The child
+    # watches this process (child_env) and stops on its own if the launcher dies.
+    with (run_dir / f"{name}.out").open("wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "async_rl.cli", *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=child_env(PYTHONUNBUFFERED="1"),
+            start_new_session=True,
+        )
 
 
-def _wait_for(path: Path, proc: subprocess.Popen[bytes], timeout_s: float) -> None:
+def _wait_for(path: Path, proc: subprocess.Popen[bytes], timeout_s: float, stop: StopRequests) -> None:
     deadline = time.monotonic() + timeout_s
     while not path.exists():
+        _check(stop)
         if proc.poll() is not None:
             raise RuntimeError(
                 f"the learner exited with code {proc.returncode}; see {path.parent / 'learner.out'}"
@@ -190,14 +206,16 @@ def _wait_for(path: Path, proc: subprocess.Popen[bytes], timeout_s: float) -> No
         time.sleep(0.1)
 
 
-def _follow(run_dir: Path, procs: dict[str, subprocess.Popen[bytes]], cfg: Config) -> int:
-    """Print one progress line per learner step until the learner exits."""
+def _follow(run_dir: Path, procs: dict[str, subprocess.Popen[bytes]], cfg: Config, stop: StopRequests) -> int:
+    """Print one progress line per learner step until the learner exits (or a stop request:
+    ``Interrupted``)."""
     from async_rl.metrics import read_metrics
 
     shown = 0
     learner_proc = procs["learner"]
     log = _LogRelay(run_dir / "learner.out")
     while True:
+        _check(stop)
         log.relay()
         rows = read_metrics(run_dir / "metrics.jsonl")
         for row in rows[shown:]:
@@ -266,15 +284,23 @@ def print_tail(path: Path, lines: int = 20) -> None:
             print(f"  | {line}", flush=True)
 
 
-def _stop_all(procs: dict[str, subprocess.Popen[bytes]]) -> None:
-    """Stop the processes this launcher started, by pid: SIGTERM, then SIGKILL after a grace."""
-    for proc in procs.values():
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM if proc is procs.get("learner") else signal.SIGINT)
-    deadline = time.monotonic() + _EXIT_GRACE_S
-    for proc in procs.values():
-        try:
-            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+def _stop_all(procs: dict[str, subprocess.Popen[bytes]], stop: StopRequests) -> None:
+    """Stop the processes this launcher started, by pid: SIGTERM (the learner saves and says
+    bye, the actors leave), then SIGKILL after a grace that each further signal shortens."""
+    running = {name: p for name, p in procs.items() if p.poll() is None}
+    if not running:
+        return
+    if stop.requested:
+        print(
+            f"\n{stop.name}: stopping processes (the learner saves first; up to {_EXIT_GRACE_S:.0f} s); "
+            "signal again to stop faster, a third time to kill them",
+            flush=True,
+        )
+    for proc in running.values():
+        # SIGTERM, not SIGINT: a child started in the background by a shell ignores SIGINT.
+        proc.send_signal(signal.SIGTERM)
+    wait_or_kill(running, Grace(stop, _EXIT_GRACE_S, _say), _say)
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)

@@ -9,10 +9,10 @@ group as everywhere else; nothing of the data path goes through Ray.
 Order: place the learner, start it, wait for ``endpoints.json`` in the run directory, then place
 and start the actors with the learner's control endpoint. Progress comes from ``metrics.jsonl``
 as with ``async-rl train``; so the run directory must be on a filesystem the launching machine
-and the learner's node share (the same node, or a shared mount). At the end, or on Ctrl-C, the
-learner gets SIGTERM (it checkpoints and says bye to the actors), the roles get a grace period,
-then every Ray actor this launch created is killed; a Ray instance this launch started is shut
-down. A dead actor is restarted by Ray (``ray.max_restarts``) and registers again under its id,
+and the learner's node share (the same node, or a shared mount). At the end, or on SIGINT,
+SIGTERM or SIGHUP, the learner gets SIGTERM (it checkpoints and says bye to the actors), the
+roles get a grace period (a repeated signal shortens it, a third ends it), then every Ray
+actor this launch created is killed; a Ray instance this launch started is shut down. A dead actor is restarted by Ray (``ray.max_restarts``) and registers again under its id,
 which the learner treats as a new incarnation; the learner itself is not restarted (its
 optimizer and coordinator state would be lost).
 
@@ -21,6 +21,7 @@ Ray is imported only inside this module's functions, so ``async-rl --help`` stay
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -33,6 +34,7 @@ from typing import Any
 
 from async_rl.config import Config, RayConfig, compose, default_threads
 from async_rl.launcher import curve_keys_for_actors, make_run_dir, print_tail, progress_line, write_config
+from async_rl.supervise import Grace, ParentWatch, StopRequests
 
 logger = logging.getLogger(__name__)
 
@@ -64,41 +66,44 @@ def launch(overrides: list[str], config_name: str = "train") -> int:
     write_config(cfg, run_dir)
     # A stale endpoints.json from an earlier run in this directory would send actors astray.
     (run_dir / "endpoints.json").unlink(missing_ok=True)
-    started = _connect(ray_cfg, cfg.rollout.num_actors)
-    print(f"run directory: {run_dir}", flush=True)
-    roles = _Roles()
-    # A batch scheduler stops a job with SIGTERM: stop the roles as Ctrl-C does.
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        learner_opts = [*overrides, f"run_dir={run_dir}", f"trainer.device={learner_device}"]
-        endpoint = _start_learner(roles, ray_cfg, config_name, learner_opts, cfg.transport.host, run_dir)
-        threads = cfg.rollout.num_threads or default_threads(1 + cfg.rollout.num_actors)
-        for i in range(cfg.rollout.num_actors):
-            _start_actor(roles, ray_cfg, i, run_dir, cfg.log_level, (endpoint, actor_device, threads, keys))
-        _wait_placed(roles, ray_cfg, [n for n in roles.handles if n != "learner"])
-        (run_dir / "placement.json").write_text(json.dumps(roles.where, indent=2))
-        code = _follow(run_dir, roles, cfg.trainer.max_steps)
-    except KeyboardInterrupt:
-        print("\ninterrupted: stopping the roles", flush=True)
-        code = 130
-    except (TimeoutError, RuntimeError) as err:
-        print(f"launch failed: {err}", flush=True)
-        print_tail(run_dir / "learner.log")
-        code = 1
-    finally:
-        _stop(roles)
-        signal.signal(signal.SIGTERM, previous)
-        if started:
-            import ray
+    with contextlib.ExitStack() as stack:
+        # First: it takes a launcher's variable out of the environment that Ray's processes inherit.
+        stack.enter_context(ParentWatch())
+        started = _connect(ray_cfg, cfg.rollout.num_actors)
+        # Ctrl-C, a batch scheduler's SIGTERM and a closed terminal's SIGHUP all stop the roles:
+        # the first raises KeyboardInterrupt out of whatever Ray call is waiting, later ones
+        # escalate. Installed after ray.init, whose own SIGTERM handler in the driver aborts.
+        stop = stack.enter_context(StopRequests(interrupt=True))
+        print(f"run directory: {run_dir}", flush=True)
+        roles = _Roles()
+        try:
+            learner_opts = [*overrides, f"run_dir={run_dir}", f"trainer.device={learner_device}"]
+            endpoint = _start_learner(roles, ray_cfg, config_name, learner_opts, cfg.transport.host, run_dir)
+            threads = cfg.rollout.num_threads or default_threads(1 + cfg.rollout.num_actors)
+            for i in range(cfg.rollout.num_actors):
+                _start_actor(
+                    roles, ray_cfg, i, run_dir, cfg.log_level, (endpoint, actor_device, threads, keys)
+                )
+            _wait_placed(roles, ray_cfg, [n for n in roles.handles if n != "learner"])
+            (run_dir / "placement.json").write_text(json.dumps(roles.where, indent=2))
+            code = _follow(run_dir, roles, cfg.trainer.max_steps)
+        except KeyboardInterrupt:
+            print(f"\n{stop.name or 'interrupted'}: stopping the roles", flush=True)
+            code = stop.exit_code or 130
+        except (TimeoutError, RuntimeError) as err:
+            print(f"launch failed: {err}", flush=True)
+            print_tail(run_dir / "learner.log")
+            code = 1
+        finally:
+            with stop.polling():  # no signal cuts the stop short; each further one hurries it
+                _stop(roles, stop)
+                if started:
+                    import ray
 
-            ray.shutdown()
+                    ray.shutdown()
     if code == 0:
         print(f"done. metrics: {run_dir / 'metrics.jsonl'}", flush=True)
     return code
-
-
-def _interrupt(*_: object) -> None:
-    raise KeyboardInterrupt
 
 
 def role_devices(cfg: Config, ray_cfg: RayConfig) -> tuple[str, str]:
@@ -258,17 +263,19 @@ def _outcome(ref: Any) -> str:
     return f"exit code {result}" if isinstance(result, int) else f"stopped: {result}"
 
 
-def _stop(roles: _Roles) -> None:
+def _stop(roles: _Roles, stop: StopRequests) -> None:
     """SIGTERM to a learner still running (it checkpoints and says bye), a grace period for
-    every role, then kill each Ray actor this launch created, by handle."""
+    every role (each further signal shortens it), then kill each Ray actor this launch
+    created, by handle."""
     import ray
 
     learner = roles.runs.get("learner")
     if learner is not None and not ray.wait([learner], timeout=0)[0] and "learner" in roles.where:
         _signal_learner(roles.where["learner"])
     pending = list(roles.runs.values())
-    if pending:
-        ray.wait(pending, num_returns=len(pending), timeout=_EXIT_GRACE_S)
+    grace = Grace(stop, _EXIT_GRACE_S, lambda text: print(text, flush=True))
+    while pending and (left_s := grace.left_s()) > 0:
+        _, pending = ray.wait(pending, num_returns=len(pending), timeout=min(_POLL_S, left_s))
     for handle in roles.handles.values():
         ray.kill(handle, no_restart=True)
 

@@ -32,10 +32,18 @@ from pathlib import Path
 from typing import Any
 
 from async_rl.bench.config import BenchRootConfig, Compute, compose_bench, train_overrides
+from async_rl.supervise import (
+    REPEAT_WINDOW_S,
+    ParentWatch,
+    StopRequests,
+    child_env,
+    interrupt_on_stop_signals,
+)
 
 logger = logging.getLogger(__name__)
 
-# How long `async-rl train` gets to stop its processes after SIGINT before it is killed.
+# How long `async-rl train` gets to stop its processes after SIGTERM before it is killed
+# (twice its own grace for them, so that it is not killed before it has killed them).
 _STOP_GRACE_S = 30.0
 # How often a running mode's metrics.jsonl is read for progress.
 _POLL_S = 0.5
@@ -48,7 +56,8 @@ def run_train(
     name: str, overrides: list[str], run_dir: Path, timeout_s: float, on_step: Callable[[int], None]
 ) -> dict[str, Any]:
     """``async-rl train OVERRIDES`` as a subprocess (learner and actors are its children);
-    returns its metrics rows. Stopped with SIGINT, then killed, on timeout or Ctrl-C."""
+    returns its metrics rows. Stopped with SIGTERM, then killed, on timeout or on SIGINT,
+    SIGTERM or SIGHUP (then KeyboardInterrupt is raised once it is stopped)."""
     from async_rl.metrics import read_metrics
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -56,18 +65,22 @@ def run_train(
     metrics = run_dir / "metrics.jsonl"
     load = LoadMeter(children=True)
     start = time.monotonic()
-    with log_path.open("wb") as log:
+    # While the run is up, signals are counted, not raised: none can land between starting
+    # it and recording it, nor cut its stop short. Each one is passed on to the run, which
+    # escalates its own stop (async_rl.supervise).
+    with StopRequests() as stop, log_path.open("wb") as log:
         # A session of its own: Ctrl-C reaches the bench only, which then stops the run in
-        # order (the launcher stops the learner and actors it started).
+        # order (the launcher stops the learner and actors it started). The run watches the
+        # bench and stops on its own if the bench dies.
         proc = subprocess.Popen(
             [sys.executable, "-m", "async_rl.cli", "train", *overrides],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+            env=child_env(PYTHONUNBUFFERED="1"),
             start_new_session=True,
         )
         try:
-            while proc.poll() is None:
+            while proc.poll() is None and not stop.requested:
                 if time.monotonic() - start > timeout_s:
                     raise TimeoutError(
                         f"the {name} run took more than bench.run_timeout_s={timeout_s:.0f} s; see {log_path}"
@@ -75,7 +88,9 @@ def run_train(
                 on_step(_steps_logged(metrics))
                 time.sleep(_POLL_S)
         finally:
-            _stop(proc)
+            _stop(proc, stop)
+    if stop.requested:
+        raise KeyboardInterrupt
     if proc.returncode != 0:
         raise RuntimeError(f"the {name} run exited with code {proc.returncode}; see {log_path}")
     return {"rows": read_metrics(metrics), "process_wall_s": time.monotonic() - start} | load.read()
@@ -124,13 +139,24 @@ def _steps_logged(path: Path) -> int:
         return 0
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(timeout=_STOP_GRACE_S)
-    except subprocess.TimeoutExpired:
+def _stop(proc: subprocess.Popen[bytes], stop: StopRequests) -> None:
+    """SIGTERM to the run, and one more for each further request: the run escalates its own
+    stop (faster, then SIGKILL of its children) and exits. The run itself is killed only if
+    it is still there after ``_STOP_GRACE_S`` (its learner and actors, which watch it, then
+    stop on their own). SIGTERM, not SIGINT: a process started in the background of a
+    shell ignores SIGINT."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    passed_on, passed_at = stop.level, time.monotonic()
+    deadline = passed_at + _STOP_GRACE_S
+    while proc.poll() is None and time.monotonic() < deadline:
+        # Spaced by more than the run's repeat window, or it would count two as one.
+        if stop.level > passed_on and time.monotonic() - passed_at > 1.5 * REPEAT_WINDOW_S:
+            proc.send_signal(signal.SIGTERM)
+            passed_on, passed_at = passed_on + 1, time.monotonic()
+        time.sleep(_POLL_S / 10)
+    if proc.poll() is None:
+        logger.warning("the run (pid %d) did not stop within %.0f s; killing it", proc.pid, _STOP_GRACE_S)
         proc.kill()
         proc.wait(timeout=5)
 
@@ -298,15 +324,17 @@ def bench(overrides: list[str]) -> int:
     write_config(cfg, run_dir)
     print(f"run directory: {run_dir}", flush=True)
     bar = ProgressBar()
-    try:
-        if cfg.bench.compute is Compute.MODELLED:
-            from async_rl.bench.modelled import run_cost_model
+    # SIGTERM and SIGHUP stop the bench as Ctrl-C does (run_train stops a run in progress).
+    with interrupt_on_stop_signals(), ParentWatch():
+        try:
+            if cfg.bench.compute is Compute.MODELLED:
+                from async_rl.bench.modelled import run_cost_model
 
-            report = run_cost_model(cfg, run_dir, bar.show)
-        else:
-            report = run_bench(cfg, run_dir, bar.show)
-    finally:
-        bar.close()
+                report = run_cost_model(cfg, run_dir, bar.show)
+            else:
+                report = run_bench(cfg, run_dir, bar.show)
+        finally:
+            bar.close()
     paths = write_outputs(report, run_dir)
     print((run_dir / "bench.md").read_text(), flush=True)
     print("wrote " + ", ".join(str(p) for p in paths), flush=True)
