@@ -91,7 +91,7 @@ class Learner(Service):
         self.model: Any = model.to(self.device).eval()
         # The learner's logprobs come from the final hidden states, never from full logits:
         # refuse an architecture whose logits that path would not reproduce.
-        check_logprobs(self.model, len(self.tokenizer))
+        check_logprobs(self.model, min(len(self.tokenizer), int(self.model.config.vocab_size)))
         if cfg.trainer.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # One flat buffer per dtype: the weight broadcast sends its buckets without packing.
@@ -186,7 +186,8 @@ class Learner(Service):
                 run_dir=self.run_dir,
                 device=self.device,
             )
-        if tr.warmup_sft_steps and self.resumed_from is None:  # a checkpoint is past the warm start
+        # A checkpoint is past the warm start; a stop asked for while the model loaded skips it.
+        if tr.warmup_sft_steps and self.resumed_from is None and not self.stop.is_set():
             self._warm_start()
         if self.sharded is not None:
             self.sharded.shard(self.model, self.version)  # every rank starts from these weights
@@ -194,6 +195,11 @@ class Learner(Service):
             self._train_loop()
         except _Stopped:
             logger.info("stopped at v%d", self.version)
+        except TimeoutError:
+            # Actors gone, or nothing left to learn from: keep what was trained, then say why.
+            if self.version > 0:
+                self.save()
+            raise
         self.save()
         if self.service_error is not None:
             raise RuntimeError(
@@ -369,6 +375,7 @@ class Learner(Service):
         is not trained; its prompt is leased again (``leases/stale``)."""
         b, bound = self.cfg.trainer.batch_groups, self.cfg.rollout.max_staleness
         deadline = time.monotonic() + self.cfg.trainer.idle_timeout_s
+        filtered_at_start = self.coordinator.counts["filtered"]
         while True:
             if self.stop.is_set():
                 return None
@@ -385,6 +392,7 @@ class Learner(Service):
             try:
                 self.held.append(self.buffer.get(timeout=0.1))
                 deadline = time.monotonic() + self.cfg.trainer.idle_timeout_s
+                filtered_at_start = self.coordinator.counts["filtered"]
             except queue.Empty:
                 if self.membership_dirty or set(self.actors) - set(self.members):
                     # Actors that (re-)registered hold no weights and ask for no leases until
@@ -393,13 +401,27 @@ class Learner(Service):
                     self._publish()
                     deadline = time.monotonic() + self.cfg.trainer.idle_timeout_s
                 elif time.monotonic() > deadline:
-                    raise TimeoutError(
-                        f"no trajectory for trainer.idle_timeout_s={self.cfg.trainer.idle_timeout_s:.0f} s "
-                        f"({len(self.held)} of {b} groups buffered); are the actors alive?"
-                    ) from None
+                    raise TimeoutError(self._idle_message(len(self.held), filtered_at_start)) from None
         self.held.sort(key=lambda a: (a.group.min_version, a.seq))
         batch, self.held = self.held[:b], self.held[b:]
         return sorted(batch, key=lambda a: a.seq)
+
+    def _idle_message(self, buffered: int, filtered_before: int) -> str:
+        """Why no batch filled within trainer.idle_timeout_s: silent actors, or groups that all
+        carried no signal (dynamic sampling dropped every one)."""
+        idle_s, b = self.cfg.trainer.idle_timeout_s, self.cfg.trainer.batch_groups
+        filtered = self.coordinator.counts["filtered"] - filtered_before
+        if filtered:
+            return (
+                f"no group passed dynamic sampling for trainer.idle_timeout_s={idle_s:.0f} s ({buffered} of "
+                f"{b} groups buffered): {filtered} groups arrived and in each all responses got the same "
+                "reward. The policy solves these prompts every time (or never): use harder (or easier) "
+                "prompts, or algorithm.dynamic_sampling=false"
+            )
+        return (
+            f"no trajectory for trainer.idle_timeout_s={idle_s:.0f} s ({buffered} of {b} groups buffered); "
+            "are the actors alive?"
+        )
 
     def _train(self, accepted: list[Accepted]) -> dict[str, Any]:
         cfg = self.cfg

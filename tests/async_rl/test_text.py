@@ -86,18 +86,7 @@ def test_engine_eval_and_warm_start_see_the_same_prompt(
     pad = tokenizer.pad_token_id
 
     # The engine, as the actor feeds it: render_prompt of the lease's question.
-    engine = TorchEngine(
-        path,
-        device="cpu",
-        dtype=torch.float32,
-        max_num_seqs=4,
-        max_new_tokens=3,
-        temperature=1.0,
-        top_p=1.0,
-        stop_token_ids=stop_token_ids(path, tokenizer),
-        pad_token_id=pad,
-        seed=0,
-    )
+    engine = _engine(path, tokenizer, max_num_seqs=4, max_new_tokens=3)
     prefills = _record_inputs(engine.model)
     engine.add(Request(0, render_prompt(tokenizer, QUESTION, Template.NONE), 2, 0))
     while engine.has_work():
@@ -150,19 +139,7 @@ def test_either_of_two_stop_ids_ends_a_response(tiny_model_dir: Path, tmp_path: 
     each stop id turns up by chance. Every response must end at the first of either."""
     path = _copy_model(tiny_model_dir, tmp_path, eos=[1, 51])
     tokenizer = load_tokenizer(path)
-    stops = stop_token_ids(path, tokenizer)
-    engine = TorchEngine(
-        path,
-        device="cpu",
-        dtype=torch.float32,
-        max_num_seqs=64,
-        max_new_tokens=200,
-        temperature=1.0,
-        top_p=1.0,
-        stop_token_ids=stops,
-        pad_token_id=tokenizer.pad_token_id,
-        seed=0,
-    )
+    engine = _engine(path, tokenizer, max_num_seqs=64, max_new_tokens=200)
     with torch.no_grad():
         engine.model.model.norm.weight.zero_()
     prompt = render_prompt(tokenizer, QUESTION, Template.NONE)
@@ -198,6 +175,22 @@ def test_scoring_leaves_out_whichever_stop_token_ended_the_response(tiny_model_d
     assert (
         score_group(tokenizer, lease, QUESTION_IDS, [sample], "test", frozenset({1})).responses[0].reward
         == 0.0
+    )
+
+
+def _engine(path: str, tokenizer: Any, *, max_num_seqs: int, max_new_tokens: int) -> TorchEngine:
+    """The torch engine on ``path``, stopping on the model's stop ids (as the actor builds it)."""
+    return TorchEngine(
+        path,
+        device="cpu",
+        dtype=torch.float32,
+        max_num_seqs=max_num_seqs,
+        max_new_tokens=max_new_tokens,
+        temperature=1.0,
+        top_p=1.0,
+        stop_token_ids=stop_token_ids(path, tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        seed=0,
     )
 
 

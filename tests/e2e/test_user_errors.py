@@ -152,3 +152,27 @@ def test_an_actor_of_another_schema_version_is_refused_in_one_line(
         except subprocess.TimeoutExpired:
             learner.kill()
             learner.wait(timeout=5)
+
+
+@pytest.mark.slow
+def test_prompts_without_signal_stop_the_learner_with_the_reason(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """One-token responses can never hold a 2-digit sum: every group's rewards are all 0, so
+    dynamic sampling drops every one. Groups keep arriving, so "are the actors alive?" would
+    be wrong: the error says that no group carried signal, and what to change."""
+    out = _cli(
+        "train",
+        f"run_dir={tmp_path}",
+        "rollout.max_new_tokens=1",
+        "trainer.warmup_sft_steps=0",
+        "trainer.eval_every=0",
+        "trainer.idle_timeout_s=8",
+        "trainer.batch_groups=4",
+        "rollout.group_size=4",
+        timeout_s=180,
+    )
+    assert out.returncode == 1, out.stdout[-2000:]
+    log = (tmp_path / "learner.out").read_text()
+    assert "no group passed dynamic sampling for trainer.idle_timeout_s=8 s" in log
+    assert "algorithm.dynamic_sampling=false" in log and "are the actors alive" not in log
