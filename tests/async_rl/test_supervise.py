@@ -15,6 +15,7 @@ import textwrap
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,6 +30,20 @@ from async_rl.supervise import (
 )
 
 _STUBBORN = "import signal, time\nfor s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP): signal.signal(s, signal.SIG_IGN)\nprint('ready', flush=True)\ntime.sleep(120)\n"
+
+
+@pytest.fixture(autouse=True)
+def _default_signal_handlers() -> Any:
+    """Each test starts from Python's default handlers. A test run started in the background
+    (``cmd &`` in a script, as CI may do) inherits SIGINT ignored, and ``StopRequests`` rightly
+    leaves an ignored signal ignored: that would test the environment, not the code."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
 
 
 def _signal_self(stop: StopRequests, sig: signal.Signals) -> None:

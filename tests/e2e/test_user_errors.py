@@ -167,12 +167,12 @@ def test_prompts_without_signal_stop_the_learner_with_the_reason(
         "rollout.max_new_tokens=1",
         "trainer.warmup_sft_steps=0",
         "trainer.eval_every=0",
-        "trainer.idle_timeout_s=8",
+        "trainer.idle_timeout_s=20",  # also the deadline for the actor to register: not too short
         "trainer.batch_groups=4",
         "rollout.group_size=4",
         timeout_s=180,
     )
     assert out.returncode == 1, out.stdout[-2000:]
     log = (tmp_path / "learner.out").read_text()
-    assert "no group passed dynamic sampling for trainer.idle_timeout_s=8 s" in log
+    assert "no group passed dynamic sampling for trainer.idle_timeout_s=20 s" in log
     assert "algorithm.dynamic_sampling=false" in log and "are the actors alive" not in log
