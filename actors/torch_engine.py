@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -90,6 +91,8 @@ class TorchEngine:
         model: Any = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
         self.model = model.to(self.device).eval()
         self.model.requires_grad_(False)
+        # Chosen once: the keyword this transformers version's forward takes the KV cache by.
+        self._cache_keyword = cache_keyword(self.model)
         self.max_num_seqs = max_num_seqs
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
@@ -198,7 +201,7 @@ class TorchEngine:
             input_ids=ids,
             attention_mask=mask,
             position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-            past_key_values=cache,
+            **{self._cache_keyword: cache},
             use_cache=True,
             logits_to_keep=1,  # [B, 1, V]: never materialise logits for every position
         )
@@ -228,7 +231,7 @@ class TorchEngine:
             input_ids=self._next_input.unsqueeze(-1),
             attention_mask=self._mask,
             position_ids=lengths.unsqueeze(-1),
-            past_key_values=self._cache,
+            **{self._cache_keyword: self._cache},
             use_cache=True,
         )
         for row in self._rows:
@@ -320,6 +323,15 @@ class TorchEngine:
     def close(self) -> None:
         self._rows, self._waiting, self._cache = [], [], None
         self._stale_cache = False
+
+
+def cache_keyword(model: Any) -> str:
+    """The keyword ``model.forward`` takes its KV cache by. transformers 5.x renamed
+    ``past_key_values`` to ``cache`` (the old name warns and is removed in 5.40); versions
+    before the rename know only ``past_key_values``. The decorators on ``forward`` keep its
+    signature (``functools.wraps``), so the parameter list names the one to use."""
+    parameters = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 def _left_pad(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:

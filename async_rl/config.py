@@ -113,7 +113,10 @@ class ModelConfig:
     path: str = ""
     # Seed of the embedded model's random initialisation (ignored with model.path).
     init_seed: int = 0
-    # Torch dtype of learner and engine weights: float32 | bfloat16 | float16.
+    # Torch dtype of the engines' weights, and of the learner's compute (autocast): float32 |
+    # bfloat16 | float16. The learner keeps float32 master weights and optimizer state whatever
+    # this says (an update of lr 1e-6 is below bfloat16's resolution for most weights), and
+    # casts them to this dtype as it broadcasts them.
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
@@ -260,6 +263,11 @@ class TrainerConfig:
     eval_every: int = 10
     # Checkpoint every this many steps (0 = only at the end).
     checkpoint_every: int = 0
+    # Checkpoints kept in run_dir/checkpoints, the newest ones (0 = keep all). 3 bounds the disk
+    # a long run takes (a 7B checkpoint is ~84 GB: float32 weights and AdamW's two moments) and
+    # still leaves two to go back to if the newest turns out bad. A save writes its checkpoint
+    # before deleting the oldest, so keep_checkpoints + 1 are on disk meanwhile.
+    keep_checkpoints: int = 3
     # Supervised warm-start steps on the reference answers before RL (arithmetic tasks).
     warmup_sft_steps: int = 0
     warmup_sft_batch: int = 64
@@ -300,6 +308,10 @@ class TrainerConfig:
         )
         _check(self.eval_every >= 0, f"trainer.eval_every={self.eval_every}: must be >= 0")
         _check(self.checkpoint_every >= 0, "trainer.checkpoint_every: must be >= 0")
+        _check(
+            self.keep_checkpoints >= 0,
+            f"trainer.keep_checkpoints={self.keep_checkpoints}: must be >= 0 (0 = keep all)",
+        )
         _check(self.warmup_sft_steps >= 0, "trainer.warmup_sft_steps: must be >= 0")
         _check(0 <= self.warmup_sft_target <= 1, "trainer.warmup_sft_target: must be in [0, 1]")
         _check(self.num_devices >= 1, f"trainer.num_devices={self.num_devices}: must be >= 1")
@@ -487,6 +499,20 @@ class Config:
         if self.mode is Mode.SYNC:
             # Sync mode is the same system with no staleness: generation waits for training.
             self.rollout.max_staleness = 0
+        # Admission grants leases up to (v + max_staleness + 1) * batch_groups accepted groups,
+        # v being the version last broadcast; the learner trains sync_every steps on v before
+        # it broadcasts again, so step v + sync_every needs sync_every <= max_staleness + 1.
+        # Past that the learner waits for groups admission never lets the actors make.
+        staleness, every = self.rollout.max_staleness, self.trainer.sync_every
+        sync = self.mode is Mode.SYNC
+        _check(
+            every <= staleness + 1,
+            f"trainer.sync_every={every} > rollout.max_staleness + 1 = {staleness + 1}"
+            f"{' (mode=sync sets rollout.max_staleness=0)' if sync else ''}: admission would stop "
+            "granting leases before the next weight sync and training would stall; lower "
+            f"trainer.sync_every to <= {staleness + 1} or raise rollout.max_staleness to >= {every - 1}"
+            f"{' (with mode=async)' if sync else ''}",
+        )
         _check(
             not (self.learner.resume and self.trainer.num_devices > 1),
             f"learner.resume with trainer.num_devices={self.trainer.num_devices} is not supported yet: "

@@ -60,6 +60,9 @@ class _Active:
     lease: Lease
     actor_id: str
     deadline: float
+    # The version admission counted from (the older of the learner's and the actor's engine's):
+    # every token of the group is sampled by it or a later one.
+    granted_at: int = 0
 
 
 class Coordinator:
@@ -120,6 +123,7 @@ class Coordinator:
         with self._lock:
             self._expire_locked()
             take = min(n, self.capacity(engine_version))
+            granted_at = self.version if engine_version is None else min(self.version, engine_version)
             draws: list[tuple[int, Prompt]] = []
             while self._reissue and len(draws) < take:
                 draws.append(self._reissue.popleft())
@@ -130,7 +134,7 @@ class Coordinator:
             for seq, prompt in draws:
                 lease = Lease(self._next_lease_id, prompt.prompt_id, seq, prompt.question, prompt.answer)
                 self._next_lease_id += 1
-                self._active[lease.lease_id] = _Active(lease, actor_id, deadline)
+                self._active[lease.lease_id] = _Active(lease, actor_id, deadline, granted_at)
                 leases.append(lease)
             self.counts["granted"] += len(leases)
             return leases
@@ -180,6 +184,17 @@ class Coordinator:
         with self._lock:
             active = self._active.get(lease_id)
             return active.lease if active else None
+
+    def granted_at(self, lease_id: int) -> int | None:
+        """The version admission granted the active lease ``lease_id`` under (None if not active)."""
+        with self._lock:
+            active = self._active.get(lease_id)
+            return active.granted_at if active else None
+
+    def in_flight_granted_at(self) -> list[int]:
+        """The grant version of every lease in flight (see ``learners/batching.py``)."""
+        with self._lock:
+            return [a.granted_at for a in self._active.values()]
 
     def requeue_stale(self, lease: Lease) -> None:
         """An accepted group of ``lease`` would be trained beyond max_staleness (a long

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from async_rl.config import Config, compose, default_threads, flat_keys, to_dict
+from async_rl.devices import plan_from_config
 from async_rl.supervise import Grace, ParentWatch, StopRequests, child_env, wait_or_kill
 
 logger = logging.getLogger(__name__)
@@ -120,6 +121,8 @@ def train(overrides: list[str], config_name: str = "train") -> int:
     cfg = compose(config_name, overrides)
     setup_logging(cfg.log_level)
     keys = curve_keys_for_actors(cfg)
+    # Before any process starts: a layout NCCL would refuse fails here, naming the keys.
+    devices = plan_from_config(cfg, visible_gpus(cfg.trainer.device)).actor_devices
     run_dir = make_run_dir(cfg)
     write_config(cfg, run_dir)
     threads = cfg.rollout.num_threads or default_threads(1 + cfg.rollout.num_actors)
@@ -133,8 +136,7 @@ def train(overrides: list[str], config_name: str = "train") -> int:
             procs["learner"] = _spawn(run_dir, "learner", learner_args)
             endpoints = run_dir / "endpoints.json"
             _wait_for(endpoints, procs["learner"], timeout_s=120.0, stop=stop)
-            device = _actor_device(cfg.trainer.device)
-            for i in range(cfg.rollout.num_actors):
+            for i, device in enumerate(devices):
                 _check(stop)
                 name = f"actor-{i}"
                 opts = [f"learner={endpoints}", f"id={name}", f"threads={threads}", f"device={device}"]
@@ -170,13 +172,13 @@ def curve_keys_for_actors(cfg: Config) -> str:
     return str(Path(cfg.transport.curve_keys_dir).resolve())
 
 
-def _actor_device(learner_device: str) -> str:
-    """Actors follow the learner onto CUDA, so one broadcast backend (NCCL) serves all."""
-    if learner_device == "auto":
-        import torch
+def visible_gpus(learner_device: str) -> int:
+    """GPUs this process sees (and so its children): 0 for a CPU learner, without asking CUDA."""
+    if learner_device == "cpu":
+        return 0
+    import torch
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return "cuda" if learner_device.startswith("cuda") else "cpu"
+    return torch.cuda.device_count()
 
 
 def _spawn(run_dir: Path, name: str, args: list[str]) -> subprocess.Popen[bytes]:

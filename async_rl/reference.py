@@ -36,7 +36,7 @@ def run_reference(cfg: Config, model_path: str | Path) -> Any:
     from actors.actor import score_group
     from actors.torch_engine import Request, Sample, TorchEngine
     from learners.advantages import estimator_from_config
-    from learners.trainer import StepParams, make_batch, train_step
+    from learners.trainer import MASTER_DTYPE, StepParams, make_batch, train_step
     from learners.warmstart import warm_start_from_config
 
     if cfg.rollout.engine.value != "torch":
@@ -47,8 +47,8 @@ def run_reference(cfg: Config, model_path: str | Path) -> Any:
     device = torch.device("cpu")
     tokenizer = load_tokenizer(str(model_path))
     stop_ids = frozenset(stop_token_ids(str(model_path), tokenizer))
-    dtype = getattr(torch, cfg.model.dtype)
-    model: Any = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=dtype).eval()
+    dtype = getattr(torch, cfg.model.dtype)  # the engine's; the learner keeps float32 masters
+    model: Any = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=MASTER_DTYPE).eval()
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay
     )

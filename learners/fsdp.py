@@ -63,6 +63,7 @@ from async_rl.logs import setup_logging
 from async_rl.schema import SchemaError, TrajectoryGroup, decode, encode
 from learners.advantages import AdvantageEstimator
 from learners.trainer import (
+    MASTER_DTYPE,
     Accumulated,
     Batch,
     StepParams,
@@ -448,7 +449,7 @@ def worker_main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(tr.num_threads or default_threads(tr.num_devices + cfg.rollout.num_actors))
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(model_path)
-    model: Any = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, cfg.model.dtype))
+    model: Any = AutoModelForCausalLM.from_pretrained(model_path, dtype=MASTER_DTYPE)
     estimator = estimator_from_config(cfg, tokenizer)
     params = StepParams.from_config(cfg)
     store.set(f"ready/{args.rank}", "1")

@@ -39,6 +39,7 @@ from async_rl.schema import (
 from async_rl.text import check_model_dir, load_tokenizer, stop_token_ids
 from async_rl.transport import Endpoints, LearnerServer, RateLimitedLog, load_server_keys
 from learners.advantages import estimator_from_config
+from learners.batching import choose_batch
 from learners.checkpoint import load_checkpoint, save_checkpoint
 from learners.critic import TrajectoryWriter, delimiter_token_ids, records_from_groups
 from learners.evaluate import greedy_accuracy
@@ -52,7 +53,7 @@ from learners.restart import (
     write_accounting,
 )
 from learners.service import Accepted, Service
-from learners.trainer import StepParams, make_batch, train_step
+from learners.trainer import MASTER_DTYPE, StepParams, make_batch, train_step
 from learners.warmstart import warm_start_from_config
 from weight_sync import broadcast
 from weight_sync.group import SyncGroup, host_store
@@ -87,7 +88,8 @@ class Learner(Service):
         self.stop_ids = stop_token_ids(model_path, self.tokenizer)
         from transformers import AutoModelForCausalLM
 
-        model: Any = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, cfg.model.dtype))
+        # float32 master weights; the forward and backward passes autocast to model.dtype.
+        model: Any = AutoModelForCausalLM.from_pretrained(model_path, dtype=MASTER_DTYPE)
         self.model: Any = model.to(self.device).eval()
         # The learner's logprobs come from the final hidden states, never from full logits:
         # refuse an architecture whose logits that path would not reproduce.
@@ -156,6 +158,7 @@ class Learner(Service):
         self.evicted = 0
         self.held: list[Accepted] = []  # accepted groups taken from the buffer, not trained yet
         self.stale_dropped = 0
+        self.stale_dropped_tokens = 0  # generated tokens of those groups, thrown away
         self.sync_buffers = broadcast.Buffers()  # reused by every weight broadcast
         # trainer.num_devices > 1: the FSDP ranks (started in run(), after any warm start).
         # self.model is then rank 0's full mirror, refreshed before each sync, eval and save.
@@ -349,7 +352,11 @@ class Learner(Service):
             self._ensure_group()
             assert self.group is not None  # _ensure_group returns with a group or raises
             header = broadcast.plan(
-                params, version=self.version, epoch=self.epoch, bucket_mb=self.cfg.weight_sync.bucket_mb
+                params,
+                version=self.version,
+                epoch=self.epoch,
+                bucket_mb=self.cfg.weight_sync.bucket_mb,
+                wire_dtype=getattr(torch, self.cfg.model.dtype),  # what the engines hold
             )
             sent_at = time.monotonic()
             for actor_id in self.members:
@@ -366,28 +373,30 @@ class Learner(Service):
         raise RuntimeError(f"the weight broadcast failed {_SYNC_ATTEMPTS} times in a row; see the log")
 
     def _next_batch(self) -> list[Accepted] | None:
-        """The next ``batch_groups`` accepted groups, oldest policy first, sorted by draw for a
-        batch layout that does not depend on timing. None if stopped.
+        """The next ``batch_groups`` accepted groups, earliest deadline first
+        (``learners.batching``: never a batch that leaves a group in flight with no step left
+        to train it within max_staleness), sorted by draw for a batch layout that does not
+        depend on timing. None if stopped.
 
-        Admission control bounds staleness in grant order, but groups arrive in completion
-        order: a long response leased early can arrive after newer ones have been trained. A
-        group that would be trained more than max_staleness versions after its oldest token
-        is not trained; its prompt is leased again (``leases/stale``)."""
+        A group past its deadline anyway (it cannot happen under admission control; kept as a
+        guard) is not trained: its prompt is leased again (``leases/stale``)."""
         b, bound = self.cfg.trainer.batch_groups, self.cfg.rollout.max_staleness
         deadline = time.monotonic() + self.cfg.trainer.idle_timeout_s
         filtered_at_start = self.coordinator.counts["filtered"]
         while True:
             if self.stop.is_set():
                 return None
-            fresh = []
-            for held in self.held:
-                if self.version - held.group.min_version > bound:
-                    self.coordinator.requeue_stale(held.lease)
-                    self.stale_dropped += 1
-                else:
-                    fresh.append(held)
-            self.held = fresh
-            if len(self.held) >= b:
+            # In flight first, then what arrived: a group that finishes in between is counted
+            # twice (a wait too many, never a deadline missed), never not at all.
+            in_flight = self.coordinator.in_flight_granted_at()
+            arrived = self._drain_buffer()
+            if arrived:
+                deadline = time.monotonic() + self.cfg.trainer.idle_timeout_s
+                filtered_at_start = self.coordinator.counts["filtered"]
+            self._drop_stale(bound)
+            keys = [(a.group.min_version, a.seq) for a in self.held]
+            chosen = choose_batch(keys, in_flight, version=self.version, max_staleness=bound, batch_groups=b)
+            if chosen is not None:
                 break
             try:
                 self.held.append(self.buffer.get(timeout=0.1))
@@ -402,9 +411,32 @@ class Learner(Service):
                     deadline = time.monotonic() + self.cfg.trainer.idle_timeout_s
                 elif time.monotonic() > deadline:
                     raise TimeoutError(self._idle_message(len(self.held), filtered_at_start)) from None
-        self.held.sort(key=lambda a: (a.group.min_version, a.seq))
-        batch, self.held = self.held[:b], self.held[b:]
+        picked = set(chosen)
+        batch = [a for i, a in enumerate(self.held) if i in picked]
+        self.held = [a for i, a in enumerate(self.held) if i not in picked]
         return sorted(batch, key=lambda a: a.seq)
+
+    def _drain_buffer(self) -> int:
+        """Move every group the service thread has accepted into ``held``; how many."""
+        moved = 0
+        while True:
+            try:
+                self.held.append(self.buffer.get_nowait())
+            except queue.Empty:
+                return moved
+            moved += 1
+
+    def _drop_stale(self, bound: int) -> None:
+        """Re-queue held groups that can no longer be trained within the bound."""
+        fresh = []
+        for held in self.held:
+            if self.version - held.group.min_version > bound:
+                self.coordinator.requeue_stale(held.lease)
+                self.stale_dropped += 1
+                self.stale_dropped_tokens += sum(r.length for r in held.group.responses)
+            else:
+                fresh.append(held)
+        self.held = fresh
 
     def _idle_message(self, buffered: int, filtered_before: int) -> str:
         """Why no batch filled within trainer.idle_timeout_s: silent actors, or groups that all
@@ -485,6 +517,9 @@ class Learner(Service):
             "version": self.version,
             "time_s": now - start,
             "throughput/gen_tokens_per_s": (self.gen_tokens - last["tokens"]) / elapsed,
+            # Generated tokens thrown away because their group outlived the staleness bound.
+            "rollout/stale_dropped_tokens": self.stale_dropped_tokens,
+            "rollout/dropped_token_frac": self.stale_dropped_tokens / max(self.gen_tokens, 1),
             "throughput/train_tokens_per_s": metrics.get("train/tokens", 0.0) / elapsed,
             "rollout/filtered_groups": counts["filtered"] - last["filtered"],
             "transport/malformed": self.server.malformed + self.rejected,
@@ -534,6 +569,7 @@ class Learner(Service):
             optimizer=optimizer,
             state=state,
             tensors={"estimator": self.estimator.state_dict()},
+            keep=self.cfg.trainer.keep_checkpoints,
         )
 
     def _restore(self, checkpoint: Path) -> None:

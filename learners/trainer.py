@@ -24,6 +24,9 @@ from learners.loss import overlong_penalty, policy_loss
 
 # Rows of a batch: a range, or an index tensor (a micro-batch packed by length).
 RowSelection = slice | torch.Tensor
+# The learner's weights and optimizer state, whatever model.dtype: in bfloat16 most updates of
+# a small learning rate round away (1e-6 relative is below its 8-bit mantissa).
+MASTER_DTYPE = torch.float32
 
 
 @dataclass
@@ -163,7 +166,9 @@ class StepParams:
             overlong_buffer=cfg.algorithm.overlong_buffer,
             overlong_penalty=cfg.algorithm.overlong_penalty,
             micro_batch_tokens=cfg.trainer.micro_batch_tokens,
-            autocast_dtype=cfg.trainer.autocast_dtype,
+            # Compute in model.dtype on float32 master weights, unless said otherwise.
+            autocast_dtype=cfg.trainer.autocast_dtype
+            or ("" if cfg.model.dtype == "float32" else cfg.model.dtype),
         )
 
 

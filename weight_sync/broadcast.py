@@ -29,31 +29,45 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def plan(params: Mapping[str, torch.Tensor], *, version: int, epoch: int, bucket_mb: int) -> WeightHeader:
-    """The header for ``params``: buckets are runs of consecutive same-dtype parameters."""
+def plan(
+    params: Mapping[str, torch.Tensor],
+    *,
+    version: int,
+    epoch: int,
+    bucket_mb: int,
+    wire_dtype: torch.dtype | None = None,
+) -> WeightHeader:
+    """The header for ``params``: buckets are runs of consecutive same-dtype parameters.
+
+    ``wire_dtype``: the dtype the receivers hold (the engines' ``model.dtype``); floating-point
+    parameters of another dtype (the learner's float32 master weights) are cast to it as they
+    are sent. None: every parameter travels in its own dtype."""
     names = list(params)
+    dtypes = [_wire(params[n].dtype, wire_dtype) for n in names]
     limit = bucket_mb << 20
     buckets: list[tuple[str, int, int, int]] = []
     start = 0
     for i in range(1, len(names) + 1):
-        first = params[names[start]]
         if i < len(names):
-            nxt = params[names[i]]
-            numel = sum(params[n].numel() for n in names[start:i])
-            fits = (numel + nxt.numel()) * first.element_size() <= limit
-            if nxt.dtype == first.dtype and fits:
+            numel = sum(params[n].numel() for n in names[start : i + 1])
+            fits = numel * dtypes[start].itemsize <= limit
+            if dtypes[i] == dtypes[start] and fits:
                 continue
         numel = sum(params[n].numel() for n in names[start:i])
-        buckets.append((_dtype_name(first.dtype), numel, start, i))
+        buckets.append((_dtype_name(dtypes[start]), numel, start, i))
         start = i
     return WeightHeader(
         version=version,
         epoch=epoch,
         names=names,
         shapes=[list(params[n].shape) for n in names],
-        dtypes=[_dtype_name(params[n].dtype) for n in names],
+        dtypes=[_dtype_name(d) for d in dtypes],
         buckets=buckets,
     )
+
+
+def _wire(dtype: torch.dtype, wire_dtype: torch.dtype | None) -> torch.dtype:
+    return wire_dtype if wire_dtype is not None and dtype.is_floating_point else dtype
 
 
 class Buffers:
@@ -135,8 +149,9 @@ def send(
 ) -> float:
     """Rank 0: broadcast every bucket. Returns the seconds spent.
 
-    A bucket whose tensors lie back to back in memory is sent as it is. Any other is packed
-    into one of two buffers while the previous bucket is on the wire."""
+    A bucket whose tensors lie back to back in memory, in the header's dtype, is sent as it
+    is. Any other is packed (and cast: float32 master weights to the engines' bfloat16) into
+    one of two buffers while the previous bucket is on the wire."""
     start = time.perf_counter()
     buffers = buffers or Buffers()
     tensors = list(params.values())
@@ -149,7 +164,11 @@ def send(
                 while len(in_flight) >= 2:  # the bucket that used this slot has left
                     group.wait(in_flight.popleft())
                 flat = buffers.get(_DTYPES[dtype], numel, device, slot=i % 2)
-                torch.cat([t.reshape(-1).to(device) for t in members], out=flat)
+                source = _span(members, device, members[0].dtype)
+                if source is not None:  # back to back in another dtype: one casting copy
+                    flat.copy_(source)
+                else:
+                    torch.cat([t.reshape(-1).to(device, _DTYPES[dtype]) for t in members], out=flat)
             in_flight.append(group.broadcast(flat, async_op=True))
         while in_flight:
             group.wait(in_flight.popleft())

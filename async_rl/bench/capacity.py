@@ -76,7 +76,7 @@ def _warm_start_into(cfg: Config, base: str, target: Path) -> None:
     torch.set_num_threads(os.cpu_count() or 1)  # nothing else runs yet
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(base)
-    model: Any = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, cfg.model.dtype))
+    model: Any = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)  # as the learner
     train_prompts, _ = build_datasets(cfg.data, seed=cfg.seed)
     result = warm_start_from_config(model, tokenizer, train_prompts, cfg, stop_token_ids(base, tokenizer))
     logger.info("bench warm start: %d steps, loss %.3f", result.steps, result.loss)
@@ -243,7 +243,7 @@ def _train_capacity(
     import torch
     from transformers import AutoModelForCausalLM
 
-    from learners.trainer import StepParams, make_batch, train_step
+    from learners.trainer import MASTER_DTYPE, StepParams, make_batch, train_step
 
     b = cfg.trainer.batch_groups
     if not accepted:
@@ -254,7 +254,7 @@ def _train_capacity(
     torch.set_num_threads(cfg.trainer.num_threads or default_threads(1 + cfg.rollout.num_actors))
     torch.manual_seed(cfg.seed)
     device = torch.device(_actor_device(cfg.trainer.device))
-    model: Any = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, cfg.model.dtype))
+    model: Any = AutoModelForCausalLM.from_pretrained(model_path, dtype=MASTER_DTYPE)  # as the learner
     model = model.to(device).eval()
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay

@@ -101,6 +101,9 @@ def summarize_run(
         "staleness_mean": _mean(staleness),
         "staleness_max": max(staleness, default=0),
         "filtered_group_frac": filtered / ended if ended else 0.0,
+        # Generated tokens of groups dropped as stale (re-sampled): wasted generation.
+        "stale_groups": _get(steps[-1], "leases/stale") - _get(start, "leases/stale"),
+        "dropped_token_frac": _get(steps[-1], "rollout/dropped_token_frac"),
         "response_len_mean": _mean([_get(r, "rollout/response_len_mean") for r in steps]),
         "reward_mean": _mean([_get(r, "reward/mean") for r in steps]),
         "reward_curve": [[float(r["time_s"]), _get(r, "reward/mean")] for r in steps],
@@ -248,6 +251,8 @@ _TABLE = (
     ("staleness mean", "staleness_mean"),
     ("staleness max", "staleness_max"),
     ("filtered-group fraction", "filtered_group_frac"),
+    ("groups dropped as stale", "stale_groups"),
+    ("dropped-token fraction (stale groups)", "dropped_token_frac"),
     ("response length mean (tokens)", "response_len_mean"),
     ("reward mean", "reward_mean"),
     ("CPU cores used by the run (whole process)", "own_cpu_cores"),

@@ -222,3 +222,22 @@ def test_bf16_autocast_step_on_cuda_tracks_float32(tiny_model_dir: Path) -> None
         assert next(model.parameters()).dtype == torch.float32
         losses.append(metrics["loss/loss"])
     assert losses[1] == pytest.approx(losses[0], abs=2e-2)
+
+
+def test_the_clip_acts_from_the_second_mini_batch_on(tiny_model_dir: Path) -> None:
+    """With one mini-batch the proximal policy is the current one: every ratio is exactly 1
+    and the DAPO clip never acts. With two, the second trains after the first one's update,
+    against the same proximal policy: ratios move and, at a large enough step, get clipped."""
+    batch = make_batch(_groups(seed=6), pad_id=0, device=torch.device("cpu"))
+    fractions = {}
+    for mini_batches in (1, 2):
+        model = _model(tiny_model_dir)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-2)
+        metrics = train_step(
+            model, optimizer, batch, _params(mini_batches=mini_batches), version=0, estimator=_group()
+        )
+        fractions[mini_batches] = metrics["loss/clip_frac_low"] + metrics["loss/clip_frac_high"]
+        if mini_batches == 1:
+            assert metrics["loss/ratio_mean"] == 1.0
+    assert fractions[1] == 0.0
+    assert fractions[2] > 0.0, fractions
