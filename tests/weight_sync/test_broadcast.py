@@ -48,15 +48,19 @@ def _sender(port: int, layout: str, versions: int, errors: Any) -> None:
         store = connect_store("127.0.0.1", port, 30)
         group = SyncGroup(store, epoch=0, rank=0, world_size=2, backend="gloo", timeout_s=30)
         params = _separate()
+        wire = None
         if layout == "flat":
             params = broadcast.flat_like(params)
+        elif layout == "master":  # the learner: flat float32 masters, sent as bfloat16
+            params = broadcast.flat_like({n: t.float() for n, t in params.items()})
+            wire = torch.bfloat16
         elif layout == "strided":  # non-contiguous sources: transposed views of the values
             params = {n: torch.empty(t.shape[::-1], dtype=t.dtype).t() for n, t in params.items()}
         buffers = broadcast.Buffers()
         for version in range(1, versions + 1):
             for name, t in _values(version).items():
                 params[name].copy_(t)
-            header = broadcast.plan(params, version=version, epoch=0, bucket_mb=1)
+            header = broadcast.plan(params, version=version, epoch=0, bucket_mb=1, wire_dtype=wire)
             broadcast.send(group, params, header, torch.device("cpu"), buffers)
         group.close()
     except BaseException as err:  # reported to the test, which fails on it
@@ -81,7 +85,10 @@ def _run(
             broadcast.check_compatible(header, receiver_params)
             broadcast.receive(group, header, receiver_params, torch.device("cpu"), buffers)
             for name, want in _values(version).items():
-                assert torch.equal(receiver_params[name], want), (version, name)
+                assert torch.equal(receiver_params[name], want.to(receiver_params[name].dtype)), (
+                    version,
+                    name,
+                )
             headers.append(header)
         group.close()
         proc.join(timeout=30)
@@ -183,3 +190,13 @@ def test_check_compatible_names_the_mismatch(change: dict[str, Any], message: st
     header, params = _header(**change)
     with pytest.raises(ValueError, match=message):
         broadcast.check_compatible(header, params)
+
+
+@pytest.mark.slow
+def test_float32_masters_reach_bfloat16_engines_cast_on_the_way() -> None:
+    """model.dtype=bfloat16: the learner's float32 master weights (one flat buffer) go out as
+    bfloat16, cast bucket by bucket; the engine's bfloat16 staging receives them in place and
+    plans the same bucket layout from its own parameters."""
+    staging = broadcast.flat_like({n: t.to(torch.bfloat16) for n, t in _separate().items()})
+    headers = _run("master", staging)
+    assert {d for h in headers for d in h.dtypes} == {"bfloat16"}
