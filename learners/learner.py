@@ -403,6 +403,10 @@ class Learner(Service):
                 deadline = time.monotonic() + self.cfg.trainer.idle_timeout_s
                 filtered_at_start = self.coordinator.counts["filtered"]
             except queue.Empty:
+                # A hung actor's leases count as in flight, and a batch may be waiting for
+                # them: evict it after weight_sync.timeout_s of silence, so they are re-issued
+                # now rather than after rollout.lease_timeout_s.
+                self._evict_unresponsive()
                 if self.membership_dirty or set(self.actors) - set(self.members):
                     # Actors that (re-)registered hold no weights and ask for no leases until
                     # they get some: if every actor did (the learner was unreachable for a
