@@ -13,8 +13,9 @@ model and optimizer state alone take, and, for comparison, the size of the three
 run: at 256 x 256 that is tens of GB).
 
 A further process (``--time-rows``, 32) times the step against a bare forward and backward of
-the same micro-batches (the model's forward, the LM head on the response positions in one piece, a
-log-softmax, the sum of the targets' logprobs, backward; no loss math, metrics or optimizer):
+the same micro-batches (``async_rl.bench.capacity.bare_step`` without its optimizer step: the model's
+forward, the LM head on the response positions in one piece, a log-softmax, the sum of the
+targets' logprobs, backward; no loss math or metrics):
 ``step / bare`` is what the learner adds around the model's own work.
 
 Last (unless ``--skip-engine``), the torch engine against HF ``generate`` on the same model,
@@ -72,30 +73,13 @@ def _groups(tokenizer: Any, rows: int, response_tokens: int, vocab: int, seed: i
     return groups
 
 
-def _bare_pass(model: Any, batch: Any, micro: list[torch.Tensor]) -> None:
-    """Forward and backward of ``micro`` with the plainest head: full logits at the response
-    positions, one log-softmax. The reference the learner's step is timed against."""
-    from learners.logprobs import final_hidden
-
-    head = model.get_output_embeddings()
-    total = int(batch.mask.sum())
-    for rows in micro:
-        width = int((batch.prompt_lengths[rows] + batch.lengths[rows]).max())
-        with final_hidden(model) as box:
-            model(input_ids=batch.input_ids[rows, :width], use_cache=False)
-        mask, index = batch.mask[rows], batch.index[rows]
-        picked = box["hidden"][torch.arange(len(rows)).unsqueeze(1).expand_as(index)[mask], index[mask]]
-        logprobs = torch.log_softmax(head(picked).float(), dim=-1)
-        chosen = logprobs.gather(-1, batch.targets[rows][mask].unsqueeze(-1))
-        (chosen.sum() / total).backward()
-
-
 def run_one(
     model_path: str, rows: int, response_tokens: int, budget: int, timed: bool, checkpointing: bool
 ) -> dict[str, Any]:
     """One row count in this process; returns the measurements."""
     from transformers import AutoModelForCausalLM
 
+    from async_rl.bench.capacity import bare_step
     from async_rl.text import load_tokenizer
     from learners.advantages import make_estimator
     from learners.trainer import StepParams, make_batch, micro_batches, train_step
@@ -152,11 +136,9 @@ def run_one(
         # rounds, bare and step alternating, and compare the fastest of each.
         bare, steps = [], []
         for _ in range(2):
-            model.train()
             start = time.perf_counter()
-            _bare_pass(model, batch, micro)
+            bare_step(model, batch, params, optimizer=None)
             bare.append(time.perf_counter() - start)
-            model.zero_grad(set_to_none=True)
             start = time.perf_counter()
             train_step(model, optimizer, batch, params, version=0, estimator=estimator)
             steps.append(time.perf_counter() - start)

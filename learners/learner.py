@@ -53,7 +53,7 @@ from learners.restart import (
     write_accounting,
 )
 from learners.service import Accepted, Service
-from learners.trainer import MASTER_DTYPE, StepParams, make_batch, train_step
+from learners.trainer import MASTER_DTYPE, StepParams, StepTimer, make_batch, train_step
 from learners.warmstart import warm_start_from_config
 from weight_sync import broadcast
 from weight_sync.group import SyncGroup, host_store
@@ -462,7 +462,9 @@ class Learner(Service):
     def _train(self, accepted: list[Accepted]) -> dict[str, Any]:
         cfg = self.cfg
         groups = [a.group for a in accepted]
-        batch = make_batch(groups, pad_id=self.tokenizer.pad_token_id, device=self.device)
+        timer = StepTimer(self.device)
+        with timer.phase("batching"):
+            batch = make_batch(groups, pad_id=self.tokenizer.pad_token_id, device=self.device)
         params = StepParams.from_config(cfg)
         if self.sharded is not None:
             step = self.sharded.train_step(
@@ -470,8 +472,15 @@ class Learner(Service):
             )
         else:
             step = train_step(
-                self.model, self.optimizer, batch, params, version=self.version, estimator=self.estimator
+                self.model,
+                self.optimizer,
+                batch,
+                params,
+                version=self.version,
+                estimator=self.estimator,
+                timer=timer,
             )
+        bookkeeping = time.perf_counter()
         metrics: dict[str, Any] = dict(step)
         self.coordinator.trained([a.lease.lease_id for a in accepted])
         staleness = [self.version - g.min_version for g in groups]
@@ -493,8 +502,9 @@ class Learner(Service):
             self.trajectories.write(
                 records_from_groups(groups, delimiter_ids=self.step_delimiters, version=self.version)
             )
+        timer.seconds["bookkeeping"] = time.perf_counter() - bookkeeping
         self.version += 1
-        return metrics
+        return metrics | timer.metrics()
 
     def _evaluate(self) -> dict[str, float]:
         if not self.eval_prompts:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,43 @@ RowSelection = slice | torch.Tensor
 # The learner's weights and optimizer state, whatever model.dtype: in bfloat16 most updates of
 # a small learning rate round away (1e-6 relative is below its 8-bit mantissa).
 MASTER_DTYPE = torch.float32
+
+
+class StepTimer:
+    """Where a step's time goes: wall seconds per phase, summed over the calls of one step.
+    On CUDA every phase boundary synchronizes, so a phase is charged its own kernels."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.seconds: dict[str, float] = {}
+        self._cuda = device.type == "cuda"
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        if self._cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self._cuda:
+                torch.cuda.synchronize()
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def metrics(self) -> dict[str, float]:
+        """``time/step_<phase>_s`` for every phase timed."""
+        return {f"time/step_{name}_s": s for name, s in self.seconds.items()}
+
+
+class _NoTimer(StepTimer):
+    def __init__(self) -> None:
+        super().__init__(torch.device("cpu"))
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        yield
+
+
+_NO_TIMER = _NoTimer()
 
 
 @dataclass
@@ -222,13 +260,17 @@ def train_step(
     *,
     version: int,
     estimator: AdvantageEstimator,
+    timer: StepTimer = _NO_TIMER,
 ) -> dict[str, float]:
     """One policy update on ``batch``: ``p.mini_batches`` optimizer steps against the same
     proximal policy (the weights before the first of them). Each mini-batch runs as
     micro-batches of at most ``p.micro_batch_tokens`` padded tokens whose gradients add up to
-    the gradient of the token mean over the whole mini-batch."""
-    shaped, adv = advantages_for(model, batch, p, estimator)
-    proximal = proximal_logprobs(model, batch, p) if p.mini_batches > 1 else None
+    the gradient of the token mean over the whole mini-batch. ``timer`` gets the phases:
+    advantages, proximal, logprobs, loss, backward, optimizer, metrics."""
+    with timer.phase("advantages"):
+        shaped, adv = advantages_for(model, batch, p, estimator)
+    with timer.phase("proximal"):
+        proximal = proximal_logprobs(model, batch, p) if p.mini_batches > 1 else None
     model.train()
     sums: dict[str, float] = {}
     kl_sum, kl_tokens = 0.0, 0
@@ -236,16 +278,26 @@ def train_step(
         optimizer.zero_grad(set_to_none=True)
         tokens = int(batch.mask[rows].sum())
         acc = accumulate_gradients(
-            model, batch, micro_batches(batch, rows, p.micro_batch_tokens), adv, proximal, p, version, tokens
+            model,
+            batch,
+            micro_batches(batch, rows, p.micro_batch_tokens),
+            adv,
+            proximal,
+            p,
+            version,
+            tokens,
+            timer=timer,
         )
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip or float("inf"))
-        optimizer.step()
+        with timer.phase("optimizer"):
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip or float("inf"))
+            optimizer.step()
         metrics = {k: v / max(tokens, 1) for k, v in acc.token_sums.items()} | {"grad_norm": float(grad_norm)}
         kl_sum, kl_tokens = kl_sum + acc.kl_sum, kl_tokens + acc.kl_tokens
         for key, value in metrics.items():
             sums[key] = sums.get(key, 0.0) + value / p.mini_batches
     model.eval()
-    return step_metrics(sums, shaped, adv, batch, estimator, kl_sum, kl_tokens)
+    with timer.phase("metrics"):
+        return step_metrics(sums, shaped, adv, batch, estimator, kl_sum, kl_tokens)
 
 
 def mini_batch_rows(batch: Batch, mini_batches: int) -> list[slice]:
@@ -286,6 +338,7 @@ def accumulate_gradients(
     step_tokens: int,
     scale: float = 1.0,
     padding: int = 0,
+    timer: StepTimer = _NO_TIMER,
 ) -> Accumulated:
     """Backward of ``scale * sum(loss_t) / step_tokens`` over the micro-batches ``micro`` (row
     index tensors). ``policy_loss`` gives each micro-batch's token mean; weighting it by its
@@ -297,23 +350,25 @@ def accumulate_gradients(
     sums: dict[str, float] = {}
     kl_sum, kl_tokens = 0.0, 0
     for rows in micro:
-        with autocast(p.autocast_dtype, batch.input_ids.device):
+        with timer.phase("logprobs"), autocast(p.autocast_dtype, batch.input_ids.device):
             logprobs = token_logprobs(model, batch, rows, p.temperature)
-        prox = logprobs.detach() if proximal is None else proximal[rows]
-        kl, kl_n = mismatch_kl_sum(batch, rows, prox, version)
-        kl_sum, kl_tokens = kl_sum + kl, kl_tokens + kl_n
-        loss, metrics = policy_loss(
-            logprobs,
-            prox,
-            batch.behavior_logprobs[rows],
-            adv[rows],
-            batch.mask[rows],
-            eps_low=p.eps_low,
-            eps_high=p.eps_high,
-            is_cap=p.is_cap,
-        )
-        tokens = int(batch.mask[rows].sum())
-        (loss * (scale * tokens / max(step_tokens, 1))).backward()
+        with timer.phase("loss"):
+            prox = logprobs.detach() if proximal is None else proximal[rows]
+            kl, kl_n = mismatch_kl_sum(batch, rows, prox, version)
+            kl_sum, kl_tokens = kl_sum + kl, kl_tokens + kl_n
+            loss, metrics = policy_loss(
+                logprobs,
+                prox,
+                batch.behavior_logprobs[rows],
+                adv[rows],
+                batch.mask[rows],
+                eps_low=p.eps_low,
+                eps_high=p.eps_high,
+                is_cap=p.is_cap,
+            )
+            tokens = int(batch.mask[rows].sum())
+        with timer.phase("backward"):
+            (loss * (scale * tokens / max(step_tokens, 1))).backward()
         for key, value in metrics.items():
             sums[key] = sums.get(key, 0.0) + value * tokens
     for _ in range(padding):

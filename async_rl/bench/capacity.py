@@ -6,6 +6,7 @@ Both run in the bench process and import the roles lazily, like every entry poin
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -239,11 +240,13 @@ def _train_capacity(
     on_progress: Callable[[float], None],
 ) -> dict[str, Any]:
     """Learner steps alone, batch after batch of the buffered groups, timed as the learner
-    times ``time/train_s`` (batching included, weight broadcast not)."""
+    times ``time/train_s`` (batching included, weight broadcast not), with the step's phases.
+    Every third step is also run as a bare step (``bare_step``) on the same batch right after
+    it: ``step_over_bare`` is what the learner's step adds to the model's own work."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from learners.trainer import MASTER_DTYPE, StepParams, make_batch, train_step
+    from learners.trainer import MASTER_DTYPE, StepParams, StepTimer, make_batch, train_step
 
     b = cfg.trainer.batch_groups
     if not accepted:
@@ -264,15 +267,26 @@ def _train_capacity(
     # Draw order (the capacity phase leased prompt `seq` as lease id `seq`): the sync run's batches.
     accepted = sorted(accepted, key=lambda grp: grp.lease_id)
     clock, tokens = _Clock(), 0.0
+    timer = StepTimer(device)
+    paired_step, paired_bare = _Clock(), _Clock()
     for step in range(steps):
         on_progress(step / steps)
         groups = [accepted[(step * b + i) % len(accepted)] for i in range(b)]
-        with clock:
-            batch = make_batch(groups, pad_id=tokenizer.pad_token_id, device=device)
-            metrics = train_step(model, optimizer, batch, params, version=step, estimator=estimator)
+        paired = step % 3 == 2  # not the first steps: the heap is still growing there
+        with clock, paired_step if paired else contextlib.nullcontext():
+            with timer.phase("batching"):
+                batch = make_batch(groups, pad_id=tokenizer.pad_token_id, device=device)
+            metrics = train_step(
+                model, optimizer, batch, params, version=step, estimator=estimator, timer=timer
+            )
         tokens += metrics["train/tokens"]
+        if paired:
+            with paired_bare:
+                batch = make_batch(groups, pad_id=tokenizer.pad_token_id, device=device)
+                bare_step(model, batch, params, optimizer)
     seconds = clock.seconds(on_cpu)
     samples = steps * b * cfg.rollout.group_size
+    phases_s = sum(timer.seconds.values())
     return {
         "steps": steps,
         "distinct_groups": min(len(accepted), steps * b),
@@ -281,7 +295,45 @@ def _train_capacity(
         "step_s_mean": seconds / steps,
         "trained_samples_per_s": samples / seconds,
         "train_tokens_per_s": tokens / seconds,
+        "paired_steps": len(range(2, steps, 3)),
+        "step_over_bare": (paired_step.seconds(on_cpu) / paired_bare.seconds(on_cpu) if steps > 2 else None),
+        # Wall-time share of each phase in the timed steps (they add up to about 1).
+        "phase_frac": {name: s / max(phases_s, 1e-9) for name, s in sorted(timer.seconds.items())},
     }
+
+
+def bare_step(model: Any, batch: Any, p: Any, optimizer: Any | None) -> None:
+    """The plainest update on ``batch`` with the learner's mini- and micro-batches: the model's
+    forward, the LM head on the response positions in one piece, a log-softmax, the sum of the
+    targets' logprobs, backward, and (``optimizer`` given) one optimizer step per mini-batch.
+    No advantages, importance weights, clipping, loss metrics or proximal pass: the reference a
+    learner step is timed against."""
+    import torch
+
+    from learners.logprobs import final_hidden
+    from learners.trainer import autocast, micro_batches, mini_batch_rows
+
+    head = model.get_output_embeddings()
+    model.train()
+    for mini in mini_batch_rows(batch, p.mini_batches):
+        model.zero_grad(set_to_none=True)
+        total = int(batch.mask[mini].sum())
+        for rows in micro_batches(batch, mini, p.micro_batch_tokens):
+            width = int((batch.prompt_lengths[rows] + batch.lengths[rows]).max())
+            with autocast(p.autocast_dtype, batch.input_ids.device):
+                with final_hidden(model) as box:
+                    model(input_ids=batch.input_ids[rows, :width], use_cache=False)
+                mask, index = batch.mask[rows], batch.index[rows]
+                at = torch.arange(len(rows), device=index.device).unsqueeze(1).expand_as(index)
+                logits = head(box["hidden"][at[mask], index[mask]])
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            chosen = logprobs.gather(-1, batch.targets[rows][mask].unsqueeze(-1))
+            (chosen.sum() / max(total, 1)).backward()
+        if optimizer is not None:
+            optimizer.step()
+    model.eval()
+    if optimizer is None:
+        model.zero_grad(set_to_none=True)
 
 
 def _actor_device(learner_device: str) -> str:

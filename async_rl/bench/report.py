@@ -92,6 +92,12 @@ def summarize_run(
         "trained_samples_per_s_overall": sum(samples) / max(times[-1], 1e-9),
         "learner_idle_frac": sum(_get(r, "time/wait_s") for r in window) / window_s,
         "learner_train_frac": sum(_get(r, "time/train_s") for r in window) / window_s,
+        # Neither training nor waiting for a batch: the weight broadcast, evaluation,
+        # checkpoints and logging, each of which holds up the next step.
+        "learner_other_frac": max(
+            0.0,
+            1.0 - sum(_get(r, "time/wait_s") + _get(r, "time/train_s") for r in window) / window_s,
+        ),
         "weight_sync_frac": sum(syncs) / window_s,
         "weight_sync_s": _mean(syncs),
         "generation_pause_s": _mean(pauses) if pauses else _mean(syncs),
@@ -245,6 +251,8 @@ _TABLE = (
     ("generated tokens/s (steady)", "gen_tokens_per_s"),
     ("trained samples/s (whole run)", "trained_samples_per_s_overall"),
     ("learner idle fraction", "learner_idle_frac"),
+    ("learner training fraction", "learner_train_frac"),
+    ("learner other fraction (sync, eval, checkpoints)", "learner_other_frac"),
     ("actor idle fraction (estimated)", "actor_idle_frac"),
     ("weight sync per step (s)", "weight_sync_s"),
     ("generation pause per sync (s)", "generation_pause_s"),
@@ -328,6 +336,17 @@ def markdown(report: dict[str, Any]) -> str:
         f"{_fmt(report.get('sync_bound_fraction'))} of its bound. Generation capacity is "
         f"{_fmt(ratio(b['gen_trained_samples_per_s'], b['train_trained_samples_per_s']))}x training capacity.",
         "",
+    ]
+    training = (report.get("capacity") or {}).get("training") or {}
+    if training.get("step_over_bare") is not None:
+        phases = ", ".join(f"{name} {frac:.1%}" for name, frac in training["phase_frac"].items())
+        lines += [
+            f"Learner step / bare step (forward, backward and optimizer of the same batch, "
+            f"{training['paired_steps']} capacity steps paired): **{_fmt(training['step_over_bare'])}**. "
+            f"Where the step's time goes: {phases}.",
+            "",
+        ]
+    lines += [
         "Estimated, not measured:",
         "",
     ]

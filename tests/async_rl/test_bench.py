@@ -71,6 +71,8 @@ def test_summary_rates_are_over_the_steady_window_by_hand() -> None:
     assert s["trained_samples_per_s_overall"] == pytest.approx(3 * 2 * 4 / 4.0)
     assert s["learner_idle_frac"] == pytest.approx(0.2 / 2.0)
     assert s["learner_train_frac"] == pytest.approx(1.6 / 2.0)
+    # The rest of the window (2 - 0.2 waiting - 1.6 training) went to syncs, evals, logging.
+    assert s["learner_other_frac"] == pytest.approx(0.2 / 2.0)
     assert s["weight_sync_s"] == pytest.approx(0.1)
     assert s["actor_idle_frac"] == pytest.approx(1 - 10.0 / 20.0)
     assert s["staleness_mean"] == pytest.approx(3 / 6) and s["staleness_max"] == 1
@@ -145,12 +147,21 @@ def test_outputs_from_a_report(tmp_path: Path) -> None:
         "estimates": {"actor_idle_frac": "how"},
         "modes": {"sync": s, "async": s},
         "ratios": compare(s, s),
+        "capacity": {
+            "training": {
+                "step_over_bare": 1.25,
+                "paired_steps": 3,
+                "phase_frac": {"backward": 0.5, "logprobs": 0.25, "optimizer": 0.25},
+            }
+        },
     }
     paths = write_outputs(report, tmp_path)
     assert json.loads((tmp_path / "bench.json").read_text())["speedup"] == 1.5
     md = (tmp_path / "bench.md").read_text()
     assert "| trained samples/s (steady) | 8 | 8 | 1 |" in md
     assert "actor_idle_frac: how" in md
+    assert "3 capacity steps paired): **1.25**" in md
+    assert "backward 50.0%, logprobs 25.0%, optimizer 25.0%" in md
     assert {p.name for p in paths} >= {"bench.json", "bench.md"}
 
 
@@ -165,7 +176,7 @@ _TINY = [
     "rollout.max_new_tokens=8",
     "rollout.max_num_seqs=4",
     "bench.capacity_gen_s=1.5",
-    "bench.capacity_train_steps=2",
+    "bench.capacity_train_steps=3",  # the third is also timed as a bare step
     "bench.skip_steps=1",
     "transport.heartbeat_s=0.5",
 ]
@@ -176,6 +187,7 @@ _MODE_KEYS = {
     "trained_tokens_per_s",
     "gen_tokens_per_s",
     "learner_idle_frac",
+    "learner_other_frac",
     "actor_idle_frac",
     "weight_sync_s",
     "generation_pause_s",
@@ -207,6 +219,10 @@ def test_tiny_bench_writes_the_promised_bench_json(tiny_model_dir: Path, tmp_pat
     assert report["bound"]["bottleneck"] in ("generation", "training")
     assert report["capacity"]["generation"]["gen_tokens_per_s"] > 0
     assert report["capacity"]["training"]["trained_samples_per_s"] > 0
+    training = report["capacity"]["training"]
+    assert training["paired_steps"] == 1 and training["step_over_bare"] > 0
+    assert sum(training["phase_frac"].values()) == pytest.approx(1.0)
+    assert {"batching", "advantages", "logprobs", "backward", "optimizer"} <= set(training["phase_frac"])
     assert "| trained samples/s (steady) |" in (tmp_path / "bench.md").read_text()
     assert (tmp_path / "sync" / "metrics.jsonl").is_file() and (
         tmp_path / "async" / "metrics.jsonl"

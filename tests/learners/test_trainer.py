@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 import torch
 
+from async_rl.bench.capacity import bare_step
 from async_rl.schema import FinishReason, Response, TrajectoryGroup
 from learners.advantages import make_estimator
-from learners.trainer import StepParams, make_batch, train_step
+from learners.trainer import StepParams, StepTimer, make_batch, train_step
 
 E = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])  # embedding of tokens 0, 1, 2
 W = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])  # LM head: z(x) = W e_x
@@ -55,11 +56,8 @@ def _log_softmax(z: np.ndarray) -> np.ndarray:
 _TOKENS = [(0, 1, 0), (0, 2, 1), (2, 0, 1)]  # (x, y, response index)
 
 
-def test_one_step_by_hand() -> None:
+def _hand_batch() -> Any:
     logprob = {(x, y): _log_softmax(W @ E[x])[y] for x, y, _ in _TOKENS}
-    # -log(e + 2) for token 1 or 2 after token 0; 1 - log(2e + 1) for token 0 after token 2.
-    assert logprob[(0, 1)] == pytest.approx(-np.log(np.e + 2))
-    assert logprob[(2, 0)] == pytest.approx(1 - np.log(2 * np.e + 1))
     responses = [
         Response(
             token_ids=np.array([1], dtype=np.int32),
@@ -77,7 +75,28 @@ def test_one_step_by_hand() -> None:
         ),
     ]
     group = TrajectoryGroup(0, 0, "test", np.array([0], dtype=np.int32), responses)
-    batch = make_batch([group], pad_id=0, device=torch.device("cpu"))
+    return make_batch([group], pad_id=0, device=torch.device("cpu"))
+
+
+_PARAMS = StepParams(
+    eps_low=0.2,
+    eps_high=0.28,
+    is_cap=2.0,
+    temperature=1.0,
+    grad_clip=0.0,
+    mini_batches=1,
+    max_new_tokens=4,
+    overlong_buffer=0,
+    overlong_penalty=1.0,
+)
+
+
+def test_one_step_by_hand() -> None:
+    logprob = {(x, y): _log_softmax(W @ E[x])[y] for x, y, _ in _TOKENS}
+    # -log(e + 2) for token 1 or 2 after token 0; 1 - log(2e + 1) for token 0 after token 2.
+    assert logprob[(0, 1)] == pytest.approx(-np.log(np.e + 2))
+    assert logprob[(2, 0)] == pytest.approx(1 - np.log(2 * np.e + 1))
+    batch = _hand_batch()
 
     # Group-normalised advantages: mean 0.5, sample std sqrt(0.5).
     advantage = np.array([0.5, -0.5]) / (np.sqrt(0.5) + 1e-6)
@@ -92,19 +111,15 @@ def test_one_step_by_hand() -> None:
 
     model = _HandLM().double()
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # the update is the gradient
-    params = StepParams(
-        eps_low=0.2,
-        eps_high=0.28,
-        is_cap=2.0,
-        temperature=1.0,
-        grad_clip=0.0,
-        mini_batches=1,
-        max_new_tokens=4,
-        overlong_buffer=0,
-        overlong_penalty=1.0,
-    )
+    timer = StepTimer(torch.device("cpu"))
     metrics = train_step(
-        model, optimizer, batch, params, version=0, estimator=make_estimator("group", group_size=2)
+        model,
+        optimizer,
+        batch,
+        _PARAMS,
+        version=0,
+        estimator=make_estimator("group", group_size=2),
+        timer=timer,
     )
     np.testing.assert_allclose(model.lm_head.weight.detach().numpy(), W - grad_w, atol=1e-6)
     np.testing.assert_allclose(model.embed.weight.detach().numpy(), E - grad_e, atol=1e-6)
@@ -118,3 +133,31 @@ def test_one_step_by_hand() -> None:
     assert metrics["rollout/mismatch_kl"] == pytest.approx(0.0, abs=1e-7)
     grad_norm = np.sqrt((grad_w**2).sum() + (grad_e**2).sum())
     assert metrics["loss/grad_norm"] == pytest.approx(grad_norm, rel=1e-6)
+    # The timer saw every phase of a one-mini-batch step, and timing changed nothing above.
+    assert set(timer.seconds) == {
+        "advantages",
+        "proximal",
+        "logprobs",
+        "loss",
+        "backward",
+        "optimizer",
+        "metrics",
+    }
+    assert all(t >= 0.0 for t in timer.seconds.values())
+    assert set(timer.metrics()) == {f"time/step_{name}_s" for name in timer.seconds}
+
+
+def test_bare_step_is_plain_ascent_on_the_mean_target_logprob() -> None:
+    """The bench's reference step (``bare_step``): backward of the mean logprob of the
+    targets, one optimizer step, nothing else; with SGD at lr 1 the update is minus the
+    gradient ``(1/T) sum_t (onehot(y) - softmax(W e_x)) e_x^T``, computed by hand."""
+    tokens = 3
+    grad_w, grad_e = np.zeros_like(W), np.zeros_like(E)
+    for x, y, _ in _TOKENS:
+        residual = np.eye(3)[y] - np.exp(_log_softmax(W @ E[x]))
+        grad_w += np.outer(residual, E[x]) / tokens
+        grad_e[x] += W.T @ residual / tokens
+    model = _HandLM().double()
+    bare_step(model, _hand_batch(), _PARAMS, torch.optim.SGD(model.parameters(), lr=1.0))
+    np.testing.assert_allclose(model.lm_head.weight.detach().numpy(), W - grad_w, atol=1e-6)
+    np.testing.assert_allclose(model.embed.weight.detach().numpy(), E - grad_e, atol=1e-6)
