@@ -33,12 +33,25 @@ class Interrupted(Exception):
     """A stop was requested (SIGINT, SIGTERM or SIGHUP) while the launcher was waiting."""
 
 
+# Files that say a run directory already holds a run (a learner's, or a bench's).
+_RUN_MARKERS = ("metrics.jsonl", "bench.json")
+
+
 def make_run_dir(cfg: Config) -> Path:
+    """``run_dir``, or a new dated directory under ``outputs/``. A directory that already holds
+    a run is refused unless ``learner.resume=true``: a second run would append to its metrics
+    and its actors could read the old run's endpoints.json before the learner rewrote it."""
     if cfg.run_dir:
         run_dir = Path(cfg.run_dir)
     else:
         now = datetime.datetime.now()
         run_dir = Path("outputs") / now.strftime("%Y-%m-%d") / now.strftime("%H-%M-%S-%f")
+    used = [name for name in _RUN_MARKERS if (run_dir / name).is_file()]
+    if used and not cfg.learner.resume:
+        raise FileExistsError(
+            f"run_dir={run_dir} already holds a run ({', '.join(used)}); continue it with "
+            "learner.resume=true, or give another run_dir"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir.resolve()
 

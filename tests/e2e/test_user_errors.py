@@ -51,6 +51,26 @@ def test_a_missing_model_directory(tmp_path: Path) -> None:
     )
 
 
+def test_a_run_directory_that_holds_a_run_is_refused_unless_resumed(tmp_path: Path) -> None:
+    """A second run into a used run_dir would append to its metrics, and its actors would read
+    the old run's endpoints.json (old ports) before the learner rewrote it, then wait for ever."""
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0}\n')
+    (tmp_path / "endpoints.json").write_text("{}")
+    for command in ("train", "learner"):
+        line = _one_error_line(_cli(command, f"run_dir={tmp_path}"), command)
+        assert line.endswith(
+            f"run_dir={tmp_path} already holds a run (metrics.jsonl); continue it with "
+            "learner.resume=true, or give another run_dir"
+        )
+    bench_dir = tmp_path / "bench"
+    bench_dir.mkdir()
+    (bench_dir / "bench.json").write_text("{}")
+    assert "already holds a run (bench.json)" in _one_error_line(
+        _cli("bench", f"run_dir={bench_dir}"), "bench"
+    )
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 0}\n'  # nothing was touched
+
+
 def test_a_bad_config_value_names_the_field(tmp_path: Path) -> None:
     line = _one_error_line(_cli("learner", f"run_dir={tmp_path}", "trainer.batch_groups=0"), "learner")
     assert "trainer.batch_groups=0: must be >= 1" in line
