@@ -20,16 +20,17 @@ import logging
 import os
 import socket
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
 from actors.engine import make_engine
-from actors.torch_engine import Request, Sample
+from actors.episodes import LeaseEpisodes
+from actors.torch_engine import Sample
 from actors.weight_receiver import WeightReceiver
 from async_rl.config import Config, from_dict
+from async_rl.env import make_env
 from async_rl.rewards import math_reward
 from async_rl.schema import (
     EVICTED,
@@ -60,13 +61,6 @@ logger = logging.getLogger(__name__)
 LEARNER_LOST = "learner lost"
 
 
-@dataclass
-class _Pending:
-    lease: Lease
-    prompt_ids: list[int]
-    samples: list[Sample] = field(default_factory=list)
-
-
 class Actor:
     def __init__(
         self, client: ActorClient, registered: Registered, *, device: str, store_timeout_s: float
@@ -77,12 +71,14 @@ class Actor:
         self.device = device
         self.tokenizer = load_tokenizer(registered.model_path)
         self.stop_ids = frozenset(stop_token_ids(registered.model_path, self.tokenizer))
+        self.env = make_env(self.cfg.env)
         self.engine = make_engine(
             self.cfg,
             registered.model_path,
             device=device,
             stop_token_ids=sorted(self.stop_ids),
             pad_token_id=self.tokenizer.pad_token_id,
+            decode=lambda ids: response_text(self.tokenizer, ids),
         )
         self.receiver = WeightReceiver(
             self.engine.parameters(),
@@ -91,7 +87,7 @@ class Actor:
             rebind=getattr(self.engine, "weights_rebindable", False),
         )
         self.has_weights = False
-        self.pending: dict[int, _Pending] = {}
+        self.pending: dict[int, LeaseEpisodes] = {}
         self.outbox: dict[int, TrajectoryGroup] = {}
         self.pushed_at: dict[int, float] = {}  # outbox lease id -> last push (monotonic)
         self.request_out = False
@@ -237,19 +233,29 @@ class Actor:
     # ------------------------------------------------------------------ samples
 
     def _start(self, lease: Lease) -> None:
-        prompt_ids = render_prompt(self.tokenizer, lease.question, self.cfg.data.template)
-        self.pending[lease.lease_id] = _Pending(lease, prompt_ids)
-        self.engine.add(Request(lease.lease_id, prompt_ids, self.cfg.rollout.group_size, lease.seq))
+        episodes = LeaseEpisodes(
+            lease,
+            render_prompt(self.tokenizer, lease.question, self.cfg.data.template),
+            env=self.env,
+            tokenizer=self.tokenizer,
+            stop_ids=self.stop_ids,
+            group_size=self.cfg.rollout.group_size,
+            max_new_tokens=self.cfg.rollout.max_new_tokens,
+        )
+        self.pending[lease.lease_id] = episodes
+        self.engine.add(episodes.first_request())
 
     def _collect(self, sample: Sample) -> None:
-        pending = self.pending[sample.request_id]
-        pending.samples.append(sample)
-        if len(pending.samples) < self.cfg.rollout.group_size:
+        """A turn ended: the environment answers (the next turn joins the engine) or the
+        episode is over; the group goes out once all G are."""
+        episodes = self.pending[sample.request_id]
+        next_turn = episodes.collect(sample)
+        if next_turn is not None:
+            self.engine.add(next_turn)
+        if not episodes.done:
             return
         del self.pending[sample.request_id]
-        group = score_group(
-            self.tokenizer, pending.lease, pending.prompt_ids, pending.samples, self.actor_id, self.stop_ids
-        )
+        group = episodes.group(self.actor_id)
         self.outbox[group.lease_id] = group
         if not self.client.push(group, timeout_s=self.cfg.transport.request_timeout_s):
             logger.warning(
@@ -274,8 +280,10 @@ def score_group(
     actor_id: str,
     stop_ids: frozenset[int],
 ) -> TrajectoryGroup:
-    """The wire group for one lease: every sample scored by ``math_reward`` against the
-    lease's reference answer (the final stop token is not part of the scored text)."""
+    """The wire group for one lease of single-turn samples: every sample scored by
+    ``math_reward`` against the lease's reference answer (the final stop token is not part of
+    the scored text). The ``math`` environment through ``LeaseEpisodes`` gives the same group;
+    the reference run and the bench's capacity measurement use this directly."""
     responses = []
     for s in sorted(samples, key=lambda s: s.index):
         reward = math_reward(response_text(tokenizer, strip_stop(s.token_ids, stop_ids)), lease.answer)

@@ -262,6 +262,7 @@ class _Job:
 
     sample: Sample
     prompt_ids: list[int]
+    budget: int | None = None  # Request.max_new_tokens (None: the engine's)
     empty_aborts: int = 0
 
 
@@ -304,6 +305,9 @@ class SGLangEngine:
         self._keys = itertools.count()
         self._updating = False
 
+    def _budget(self, job: _Job) -> int:
+        return min(job.budget or self.max_new_tokens, self.max_new_tokens)
+
     # ------------------------------------------------------------------ requests
 
     def add(self, request: Request) -> None:
@@ -311,7 +315,13 @@ class SGLangEngine:
             raise ValueError(
                 f"a request of {request.n} samples exceeds rollout.max_num_seqs={self.max_num_seqs}"
             )
-        jobs = [_Job(Sample(request.request_id, k), list(request.prompt_ids)) for k in range(request.n)]
+        # request.stop_strings are not sent: SGLang runs without a tokenizer here, so a turn runs
+        # on to EOS or its budget and the actor cuts it at the first stop string.
+        first = request.index
+        jobs = [
+            _Job(Sample(request.request_id, k), list(request.prompt_ids), request.max_new_tokens)
+            for k in range(first, first + request.n)
+        ]
         self._submit(jobs)
 
     @property
@@ -331,7 +341,7 @@ class SGLangEngine:
         payload = generate_payload(
             first.prompt_ids + first.sample.token_ids,
             n=len(jobs),
-            max_new_tokens=self.max_new_tokens - len(first.sample.token_ids),
+            max_new_tokens=self._budget(first) - len(first.sample.token_ids),
             temperature=self.temperature,
             top_p=self.top_p,
             stop_token_ids=self.stop_token_ids,
@@ -363,9 +373,9 @@ class SGLangEngine:
             s.logprobs += piece.logprobs
             s.versions += [call.version] * len(piece.token_ids)
             self.generated_tokens += len(piece.token_ids)
-            if len(s.token_ids) > self.max_new_tokens:
+            if len(s.token_ids) > self._budget(job):
                 raise SGLangError(f"SGLang returned {len(s.token_ids)} tokens, over max_new_tokens")
-            finish = self._finish_reason(s, piece.finish)
+            finish = self._finish_reason(job, piece.finish)
             if finish:
                 s.finish_reason = finish
                 self._done.append(s)
@@ -378,14 +388,15 @@ class SGLangEngine:
                 )
             self._interrupted.append(job)
 
-    def _finish_reason(self, s: Sample, finish: str) -> str:
+    def _finish_reason(self, job: _Job, finish: str) -> str:
         """ "stop" | "length" | "" (interrupted: resume it)."""
         if finish != "abort":
             return finish
         # An abort can land just after the last token: classify by what was generated.
+        s = job.sample
         if s.token_ids and s.token_ids[-1] in self.stop_token_ids:
             return "stop"
-        if len(s.token_ids) >= self.max_new_tokens:
+        if len(s.token_ids) >= self._budget(job):
             return "length"
         return ""
 

@@ -12,13 +12,17 @@
   decode step (``resume_kv=recompute``), so that the continuation conditions on a cache
   written by the policy that samples it. Either way nothing is discarded: every token
   already sampled keeps its logprob and version, and only new tokens get the new version.
+* A request may name ``stop_strings`` (an environment's turn ends): a row stops once the
+  decoded tail of its tokens contains one (finish reason "stop_string"). A multi-turn episode
+  sends each later turn as a request of its own (prompt + the episode so far, prefilled anew),
+  with ``index`` and ``step`` keeping the episode on its own random stream.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +46,12 @@ class Request:
     seq: int
     # Caps this request's responses below the engine's max_new_tokens (None: the engine's).
     max_new_tokens: int | None = None
+    # A response also ends once its decoded text contains one of these (needs the engine's decode).
+    stop_strings: tuple[str, ...] = ()
+    # The sample index of the first of the n samples, and the random-stream step of each one's
+    # first token: a later turn of episode k continues stream (seq, k) where the episode is.
+    index: int = 0
+    step: int = 0
 
 
 @dataclass
@@ -53,7 +63,7 @@ class Sample:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     versions: list[int] = field(default_factory=list)
-    finish_reason: str = ""  # "stop" | "length" once finished
+    finish_reason: str = ""  # "stop" | "length" | "stop_string" once finished
 
 
 @dataclass
@@ -65,6 +75,10 @@ class _Row:
     # Real tokens in this row's cache: prompt + all generated tokens but the last, which is
     # the next decode step's input.
     length: int
+    step: int = 0  # random-stream step of the first token (Request.step)
+    stop_strings: tuple[str, ...] = ()
+    # Tokens decoded to look for a stop string: enough for the longest (a token is >= 1 character).
+    stop_window: int = 0
 
 
 class TorchEngine:
@@ -82,6 +96,7 @@ class TorchEngine:
         pad_token_id: int,
         seed: int,
         resume_kv: str = "keep",
+        decode: Callable[[list[int]], str] | None = None,
     ) -> None:
         try:
             self.resume_kv = ResumeKV(resume_kv)
@@ -100,6 +115,7 @@ class TorchEngine:
         # A response ends at the first of these (every EOS the model names; a list for many).
         self.stop_token_ids = frozenset(int(t) for t in stop_token_ids)
         self.pad_token_id = pad_token_id
+        self.decode = decode  # token ids -> text, for requests with stop_strings
         self.seed = seed
         self.version = 0
         self._waiting: list[Request] = []
@@ -121,6 +137,8 @@ class TorchEngine:
             )
         if request.max_new_tokens is not None and request.max_new_tokens < 1:
             raise ValueError(f"request {request.request_id}: max_new_tokens={request.max_new_tokens} < 1")
+        if request.stop_strings and self.decode is None:
+            raise ValueError("a request with stop_strings needs an engine built with decode=")
         self._waiting.append(request)
 
     @property
@@ -177,9 +195,15 @@ class TorchEngine:
                 r.prompt_ids,
                 min(r.max_new_tokens or self.max_new_tokens, self.max_new_tokens),
                 len(r.prompt_ids),
+                r.step,
+                r.stop_strings,
+                max((len(x) for x in r.stop_strings), default=0) + 2,
             )
             for r in take
-            for k, key in zip(range(r.n), sample_keys(self.seed, np.full(r.n, r.seq), np.arange(r.n)))
+            for k, key in zip(
+                range(r.index, r.index + r.n),
+                sample_keys(self.seed, np.full(r.n, r.seq), np.arange(r.index, r.index + r.n)),
+            )
         ]
         tokens = self._sample_into(new_rows, logits)
         self._merge(cache, mask.index_select(0, index), tokens, new_rows)
@@ -242,7 +266,7 @@ class TorchEngine:
         if not rows:
             return torch.zeros(0, dtype=torch.long, device=self.device)
         keys = np.array([r.key for r in rows], dtype=np.uint64)
-        steps = np.array([len(r.sample.token_ids) for r in rows])
+        steps = np.array([r.step + len(r.sample.token_ids) for r in rows])
         tokens, logprobs = sample(logits, keys, steps, temperature=self.temperature, top_p=self.top_p)
         for row, token, logprob in zip(rows, tokens.tolist(), logprobs.tolist()):
             row.sample.token_ids.append(token)
@@ -273,6 +297,8 @@ class TorchEngine:
             s = row.sample
             if s.token_ids and s.token_ids[-1] in self.stop_token_ids:
                 s.finish_reason = "stop"
+            elif row.stop_strings and self._hit_stop_string(row):
+                s.finish_reason = "stop_string"
             elif len(s.token_ids) >= row.max_new_tokens:
                 s.finish_reason = "length"
             else:
@@ -300,6 +326,11 @@ class TorchEngine:
             for layer in layers:
                 layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
         return done
+
+    def _hit_stop_string(self, row: _Row) -> bool:
+        assert self.decode is not None
+        tail = self.decode(row.sample.token_ids[-row.stop_window :])
+        return any(stop in tail for stop in row.stop_strings)
 
     # ------------------------------------------------------------------ weights
 

@@ -69,6 +69,7 @@ class DataKind(enum.Enum, metaclass=_ByValue):
     JSONL = "jsonl"  # question/answer rows from data.path / data.eval_path
     PARQUET = "parquet"  # same, parquet files (needs the [parquet] extra)
     GSM8K = "gsm8k"  # the GSM8K jsonl files in data.path (a directory with train/test.jsonl)
+    GUESS = "guess"  # hidden numbers 1..data.guess_max for env.kind=guess
 
 
 class Template(enum.Enum, metaclass=_ByValue):
@@ -152,6 +153,8 @@ class DataConfig:
     prompt_format: str = "{question}"
     # Evaluate on at most this many held-out prompts (0 = all).
     eval_limit: int = 200
+    # Guess task: hidden numbers are 1..guess_max (the eval set holds each number once).
+    guess_max: int = 15
 
     def __post_init__(self) -> None:
         _check(1 <= self.digits <= 4, f"data.digits={self.digits}: use 1..4")
@@ -167,12 +170,55 @@ class DataConfig:
             f"data.prompt_format={self.prompt_format!r}: must contain {{question}} exactly once",
         )
         _check(self.eval_size >= 1, f"data.eval_size={self.eval_size}: must be >= 1")
+        _check(self.guess_max >= 2, f"data.guess_max={self.guess_max}: must be >= 2")
         _check(self.eval_limit >= 0, f"data.eval_limit={self.eval_limit}: must be >= 0 (0 = all)")
         if self.kind in (DataKind.JSONL, DataKind.PARQUET, DataKind.GSM8K):
             _check(
                 bool(self.path),
                 f"data.kind={self.kind.value} needs data.path=FILE (the training prompts)",
             )
+
+
+@dataclass
+class EnvConfig:
+    # The environment episodes run in (async_rl/env.py): math (one turn, scored by math_reward),
+    # calculator (tool calls <calc>EXPR</calc>), guess (number guessing), or a registered one.
+    kind: str = "math"
+    # A Python module to import first, for environments registered outside async-rl
+    # (``env.module=my_envs``): it must be importable by the learner and by every actor.
+    module: str = ""
+    # Policy turns per episode at most (multi-turn environments; math always has one).
+    max_turns: int = 4
+    # Tokens of one observation at most (longer ones are cut). Observations count against
+    # rollout.max_new_tokens, the budget of the whole response.
+    max_observation_tokens: int = 64
+    # calculator: fraction of the warm start's demonstrations that use the tool (the rest
+    # answer directly), so the warm-started policy knows the syntax but not yet when it pays.
+    demo_tool_frac: float = 0.5
+
+    def __post_init__(self) -> None:
+        import importlib
+
+        from async_rl.env import env_names
+
+        if self.module:
+            try:
+                importlib.import_module(self.module)
+            except ImportError as err:
+                raise ValueError(f"env.module={self.module!r} cannot be imported: {err}") from None
+        _check(
+            self.kind in env_names(),
+            f"env.kind={self.kind!r}: no such environment; choose one of {env_names()}",
+        )
+        _check(self.max_turns >= 1, f"env.max_turns={self.max_turns}: must be >= 1")
+        _check(
+            self.max_observation_tokens >= 1,
+            f"env.max_observation_tokens={self.max_observation_tokens}: must be >= 1",
+        )
+        _check(
+            0.0 <= self.demo_tool_frac <= 1.0,
+            f"env.demo_tool_frac={self.demo_tool_frac}: use a fraction in [0, 1]",
+        )
 
 
 @dataclass
@@ -488,6 +534,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)

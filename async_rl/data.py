@@ -34,6 +34,7 @@ __all__ = [
     "arithmetic_problem_ids",
     "arithmetic_prompts",
     "chain_solution",
+    "guess_prompts",
     "load_jsonl",
     "load_parquet",
     "load_prompts",
@@ -398,6 +399,14 @@ def chain_solution(question: str) -> str:
     raise ValueError(f"{question!r} is not a synthetic question ('a+b=' or 'sum 3,5,8:')")
 
 
+def guess_prompts(n: int, *, seed: int, guess_max: int) -> list[Prompt]:
+    """``n`` seeded hidden numbers "Guess 1-15:" -> "11" for the guess environment; ``n=0``:
+    every number once, in order (the eval set: a success rate over the whole range)."""
+    rng = random.Random(f"guess/{guess_max}/{seed}")
+    targets = [rng.randint(1, guess_max) for _ in range(n)] if n else list(range(1, guess_max + 1))
+    return [Prompt(t, f"Guess 1-{guess_max}:", str(t)) for t in targets]
+
+
 def sft_text(prompt: Prompt) -> str:
     """Supervised target response for the warm start: "46" for "12+34=".
 
@@ -518,6 +527,9 @@ def build_datasets(cfg: DataConfig, *, seed: int) -> tuple[list[Prompt], list[Pr
         case DataKind.LONG_TAIL:
             train = long_tail_prompts(cfg.train_size, seed=seed, split="train")
             held = long_tail_prompts(cfg.eval_size, seed=seed, split="eval")
+        case DataKind.GUESS:
+            train = guess_prompts(cfg.train_size, seed=seed, guess_max=cfg.guess_max)
+            held = guess_prompts(0, seed=seed, guess_max=cfg.guess_max)
         case DataKind.GSM8K:
             root = Path(cfg.path)
             train = load_prompts(root / "train.jsonl")

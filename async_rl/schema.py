@@ -23,7 +23,8 @@ import msgpack
 import numpy as np
 
 # Bumped on any incompatible change; a peer with another version is refused at register.
-SCHEMA_VERSION = 2
+# 3: responses carry a per-token ``sampled`` mask and turn/tool counts (multi-turn episodes).
+SCHEMA_VERSION = 3
 # Messages whose layout never changes, decoded whatever version the envelope names: a peer
 # of another version can still register, and be told why it is refused.
 _ANY_VERSION_KINDS = ("register", "rejected")
@@ -47,6 +48,7 @@ _MAX_LIST = MAX_PARAMS
 _MAX_MAP = 1024
 _MAX_CONTAINERS = 2 * MAX_PARAMS
 
+_U8 = np.dtype("u1")
 _I32 = np.dtype("<i4")
 _F32 = np.dtype("<f4")
 
@@ -56,8 +58,12 @@ class SchemaError(ValueError):
 
 
 class FinishReason(enum.Enum):
-    STOP = "stop"  # the engine sampled EOS
+    STOP = "stop"  # the engine sampled EOS, or the environment ended the episode
     LENGTH = "length"  # the response reached rollout.max_new_tokens
+
+
+# The version (and logprob 0) an observation token carries: the policy did not sample it.
+NOT_SAMPLED = -1
 
 
 # --------------------------------------------------------------------------- control
@@ -202,18 +208,39 @@ class WeightHeader:
 
 @dataclass
 class Response:
-    """One sampled response. Arrays are aligned: token i was sampled with logprob
-    ``logprobs[i]`` (under the distribution actually sampled) by policy ``versions[i]``."""
+    """One response: an episode's policy turns and the observations between them. Arrays are
+    aligned: where ``sampled[i]``, token i was sampled with logprob ``logprobs[i]`` (under the
+    distribution actually sampled) by policy ``versions[i]``; elsewhere it is an observation
+    token the environment appended (logprob 0, version ``NOT_SAMPLED``), never trained on.
+    A single-turn response has every token sampled."""
 
     token_ids: np.ndarray  # [T] int32
     logprobs: np.ndarray  # [T] float32, <= 0
-    versions: np.ndarray  # [T] int32, >= 0
+    versions: np.ndarray  # [T] int32, >= 0 where sampled
     reward: float
     finish_reason: FinishReason
+    sampled: np.ndarray | None = None  # [T] bool; None: all sampled
+    turns: int = 1  # policy turns
+    tool_calls: int = 0  # counted by the environment
+    tool_errors: int = 0
+
+    def __post_init__(self) -> None:
+        if self.sampled is None:
+            self.sampled = np.ones(len(self.token_ids), dtype=bool)
 
     @property
     def length(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def sampled_mask(self) -> np.ndarray:
+        assert self.sampled is not None
+        return self.sampled
+
+    @property
+    def sampled_versions(self) -> np.ndarray:
+        """The versions of the sampled tokens (observations have none)."""
+        return self.versions[self.sampled_mask]
 
 
 @dataclass
@@ -228,7 +255,9 @@ class TrajectoryGroup:
 
     @property
     def min_version(self) -> int:
-        return min((int(r.versions.min()) for r in self.responses if r.length > 0), default=0)
+        """The oldest policy that sampled a token of this group (observations do not count)."""
+        versions = [r.sampled_versions for r in self.responses]
+        return min((int(v.min()) for v in versions if len(v)), default=0)
 
 
 Message = (
@@ -276,9 +305,13 @@ def _response_to_wire(r: Response) -> dict[str, Any]:
         "tokens": _arr(r.token_ids, _I32),
         "logprobs": _arr(r.logprobs, _F32),
         "versions": _arr(r.versions, _I32),
+        "sampled": _arr(r.sampled_mask, _U8),
         "len": int(r.length),
         "reward": float(r.reward),
         "finish": r.finish_reason.value,
+        "turns": int(r.turns),
+        "tool_calls": int(r.tool_calls),
+        "tool_errors": int(r.tool_errors),
     }
 
 
@@ -379,12 +412,18 @@ def _decode_response(d: Any) -> Response:
     tokens = _array(d, "tokens", _I32, length)
     logprobs = _array(d, "logprobs", _F32, length)
     versions = _array(d, "versions", _I32, length)
+    sampled_bytes = _array(d, "sampled", _U8, length)
     if length and int(tokens.min()) < 0:
         raise SchemaError("negative token id")
+    if length and int(sampled_bytes.max()) > 1:
+        raise SchemaError("sampled must hold 0 or 1 per token")
+    sampled = sampled_bytes.astype(bool)
     if not np.isfinite(logprobs).all() or (logprobs > 0).any():
         raise SchemaError("logprobs must be finite and <= 0")
-    if length and int(versions.min()) < 0:
+    if (versions[sampled] < 0).any():
         raise SchemaError("negative policy version")
+    if (versions[~sampled] != NOT_SAMPLED).any() or (logprobs[~sampled] != 0).any():
+        raise SchemaError(f"an observation token (sampled 0) must have version {NOT_SAMPLED} and logprob 0")
     try:
         finish = FinishReason(_get(d, "finish", str))
     except ValueError:
@@ -392,7 +431,8 @@ def _decode_response(d: Any) -> Response:
     reward = _float(d, "reward")
     if abs(reward) > MAX_ABS_REWARD:
         raise SchemaError(f"reward {reward:g} outside [-{MAX_ABS_REWARD:g}, {MAX_ABS_REWARD:g}]")
-    return Response(tokens, logprobs, versions, reward, finish)
+    counts = {key: _int(d, key, 0, MAX_TOKENS_PER_SEQUENCE) for key in ("turns", "tool_calls", "tool_errors")}
+    return Response(tokens, logprobs, versions, reward, finish, sampled, **counts)
 
 
 def _decode_trajectory(d: dict[str, Any]) -> TrajectoryGroup:
@@ -564,7 +604,8 @@ def check_group(
         if len(ids) and int(ids.max()) >= vocab_size:
             raise SchemaError(f"{where}: token id {int(ids.max())} >= vocab size {vocab_size}")
     for i, r in enumerate(group.responses):
-        if r.length and int(r.versions.max()) > max_version:
+        versions = r.sampled_versions
+        if len(versions) and int(versions.max()) > max_version:
             raise SchemaError(
-                f"response {i}: version {int(r.versions.max())} is from the future (learner at {max_version})"
+                f"response {i}: version {int(versions.max())} is from the future (learner at {max_version})"
             )

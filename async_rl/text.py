@@ -77,3 +77,26 @@ def strip_stop(token_ids: list[int], stop_ids: set[int] | frozenset[int]) -> lis
 
 def response_text(tokenizer: Any, token_ids: list[int]) -> str:
     return str(tokenizer.decode(token_ids, skip_special_tokens=True))
+
+
+def stop_string_end(tokenizer: Any, token_ids: list[int], stop_strings: tuple[str, ...]) -> int | None:
+    """The length of the shortest prefix of ``token_ids`` whose text contains one of
+    ``stop_strings`` (the turn ends with that token), or None if the whole text has none.
+    A binary search: a longer prefix never decodes to less text, so the test is monotone."""
+    if not stop_strings or not token_ids:
+        return None
+
+    def hit(n: int) -> bool:
+        text = response_text(tokenizer, token_ids[:n])
+        return any(stop in text for stop in stop_strings)
+
+    if not hit(len(token_ids)):
+        return None
+    low, high = 1, len(token_ids)
+    while low < high:
+        mid = (low + high) // 2
+        if hit(mid):
+            high = mid
+        else:
+            low = mid + 1
+    return low

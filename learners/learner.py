@@ -28,6 +28,7 @@ import torch
 from async_rl.config import Config, SyncBackend, default_threads
 from async_rl.coordinator import Coordinator
 from async_rl.data import PromptSource, build_datasets
+from async_rl.env import make_env
 from async_rl.metrics import MetricsWriter
 from async_rl.schema import (
     EVICTED,
@@ -35,6 +36,7 @@ from async_rl.schema import (
     JoinGroup,
     Message,
     SyncDone,
+    TrajectoryGroup,
 )
 from async_rl.text import check_model_dir, load_tokenizer, stop_token_ids
 from async_rl.transport import Endpoints, LearnerServer, RateLimitedLog, load_server_keys
@@ -102,6 +104,7 @@ class Learner(Service):
             self.model.parameters(), lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay
         )
         self.train_prompts, self.eval_prompts = build_datasets(cfg.data, seed=cfg.seed)
+        self.env = make_env(cfg.env)
         self.estimator = estimator_from_config(cfg, self.tokenizer)
         # Dynamic sampling drops groups whose rewards are all equal: they carry no signal for
         # group-relative advantages, but do for batch, history and critic baselines.
@@ -484,7 +487,8 @@ class Learner(Service):
         metrics: dict[str, Any] = dict(step)
         self.coordinator.trained([a.lease.lease_id for a in accepted])
         staleness = [self.version - g.min_version for g in groups]
-        spans = [int(r.versions.max() - r.versions.min()) for g in groups for r in g.responses if r.length]
+        sampled = [r.sampled_versions for g in groups for r in g.responses]
+        spans = [int(v.max() - v.min()) for v in sampled if len(v)]
         metrics |= {
             "reward/mean": float(batch.rewards.mean()),
             "rollout/staleness_mean": sum(staleness) / len(staleness),
@@ -497,7 +501,7 @@ class Learner(Service):
             "rollout/trained_seqs": [a.seq for a in accepted],
             "rollout/trained_staleness": staleness,
             "rollout/groups_by_actor": dict(collections.Counter(g.actor_id for g in groups)),
-        }
+        } | episode_metrics(groups)
         if self.trajectories is not None:
             self.trajectories.write(
                 records_from_groups(groups, delimiter_ids=self.step_delimiters, version=self.version)
@@ -520,6 +524,7 @@ class Learner(Service):
             max_new_tokens=self.cfg.rollout.max_new_tokens,
             stop_ids=self.stop_ids,
             max_batch_tokens=self.cfg.trainer.micro_batch_tokens,
+            env=self.env,
         )
         return {"eval/accuracy": accuracy, "time/eval_s": time.monotonic() - start}
 
@@ -632,6 +637,21 @@ class Learner(Service):
         self.metrics.close()
         if self.trajectories is not None:
             self.trajectories.close()
+
+
+def episode_metrics(groups: list[TrajectoryGroup]) -> dict[str, float]:
+    """Per response means of the episodes' turns and tool calls, the tool errors of the batch,
+    and the fraction of response tokens the environment appended (the run's ``env.kind``)."""
+    responses = [r for g in groups for r in g.responses]
+    tokens = sum(r.length for r in responses)
+    observed = sum(r.length - int(r.sampled_mask.sum()) for r in responses)
+    n = max(1, len(responses))
+    return {
+        "rollout/turns_mean": sum(r.turns for r in responses) / n,
+        "rollout/tool_calls_mean": sum(r.tool_calls for r in responses) / n,
+        "rollout/tool_errors": float(sum(r.tool_errors for r in responses)),
+        "rollout/observation_tokens_frac": observed / max(1, tokens),
+    }
 
 
 def _pick_device(device: str) -> str:

@@ -79,7 +79,7 @@ class Batch:
     attention_mask: torch.Tensor
     index: torch.Tensor  # [N, R] long
     targets: torch.Tensor  # [N, R] long
-    mask: torch.Tensor  # [N, R] bool
+    mask: torch.Tensor  # [N, R] bool: tokens to train on (sampled response tokens)
     behavior_logprobs: torch.Tensor  # [N, R]
     versions: torch.Tensor  # [N, R] long
     rewards: torch.Tensor  # [N] raw rewards from the actor
@@ -95,9 +95,14 @@ def make_batch(groups: list[TrajectoryGroup], *, pad_id: int, device: torch.devi
     batch = pack_rows([(p, r.token_ids) for p, r in rows], pad_id=pad_id, device=device)
     behavior = np.zeros(tuple(batch.mask.shape), dtype=np.float32)
     versions = np.zeros(tuple(batch.mask.shape), dtype=np.int64)
+    sampled = np.zeros(tuple(batch.mask.shape), dtype=bool)
     for i, (_, r) in enumerate(rows):
         behavior[i, : r.length] = r.logprobs
         versions[i, : r.length] = r.versions
+        sampled[i, : r.length] = r.sampled_mask
+    # Observation tokens (multi-turn episodes) are context only: out of the loss, the importance
+    # weights and the mismatch metric, which all read ``mask``.
+    batch.mask &= torch.from_numpy(sampled).to(device)
     batch.behavior_logprobs = torch.from_numpy(behavior).to(device)
     batch.versions = torch.from_numpy(versions).to(device)
     batch.rewards = torch.tensor([r.reward for _, r in rows], dtype=torch.float32, device=device)

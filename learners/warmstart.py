@@ -17,8 +17,9 @@ from typing import Any
 
 import torch
 
-from async_rl.config import Config, Template
-from async_rl.data import Prompt, sft_text
+from async_rl.config import Config, EnvConfig, Template
+from async_rl.data import Prompt
+from async_rl.env import Environment, MathEnv, make_env
 from async_rl.text import render_prompt
 from learners.evaluate import greedy_accuracy
 from learners.trainer import micro_batches, pack_rows, token_logprobs
@@ -52,33 +53,30 @@ def warm_start(
     target_accuracy: float = 0.0,
     max_new_tokens: int = 8,
     micro_batch_tokens: int = 4096,
+    env: Environment | None = None,
 ) -> WarmStartResult:
-    """Up to ``steps`` AdamW steps of next-token loss on the response tokens (the token mean
-    over each batch of ``batch_size`` rows, accumulated over micro-batches of at most
-    ``micro_batch_tokens`` padded tokens).
+    """Up to ``steps`` AdamW steps of next-token loss on the policy's tokens of ``env``'s
+    demonstrations (default ``math``: the reference response), the token mean over each batch
+    of ``batch_size`` rows, accumulated over micro-batches of at most ``micro_batch_tokens``
+    padded tokens. Observation tokens are context, not targets.
 
     With ``target_accuracy`` > 0, every 100 steps the greedy accuracy on the first 200 of
     ``prompts`` is measured, and the warm start stops once it reaches the target.
     """
     device = next(model.parameters()).device
     rng = random.Random(f"warm-start/{seed}")
-    # Tokenise once: rows of (prompt ids, response ids + EOS).
-    targets = tokenizer([sft_text(p) for p in prompts], add_special_tokens=False)["input_ids"]
-    rows = [
-        (render_prompt(tokenizer, p.question, template), [*t, tokenizer.eos_token_id])
-        for p, t in zip(prompts, targets)
-    ]
+    env = env or MathEnv(EnvConfig())
+    rows = demonstration_rows(tokenizer, prompts, env, template=template, seed=seed)
     check = prompts[:_CHECK_PROMPTS]
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
     loss_value, accuracy = float("nan"), None
     step = 0
     while step < steps:
-        batch = pack_rows(
-            [rows[rng.randrange(len(rows))] for _ in range(batch_size)],
-            pad_id=tokenizer.pad_token_id,
-            device=device,
-        )
+        chosen = [rows[rng.randrange(len(rows))] for _ in range(batch_size)]
+        batch = pack_rows([(p, r) for p, r, _ in chosen], pad_id=tokenizer.pad_token_id, device=device)
+        for i, (_, _, loss_mask) in enumerate(chosen):  # observation tokens are context only
+            batch.mask[i, : len(loss_mask)] = torch.tensor(loss_mask, device=device)
         tokens = int(batch.mask.sum())
         optimizer.zero_grad(set_to_none=True)
         loss_sum = 0.0
@@ -101,6 +99,7 @@ def warm_start(
                 max_new_tokens=max_new_tokens,
                 stop_ids=stop_ids,
                 max_batch_tokens=micro_batch_tokens,
+                env=env,
             )
             model.train()
             logger.info(
@@ -117,6 +116,27 @@ def warm_start(
             logger.info("warm start %d/%d: loss %.3f", step, steps, loss_value)
     model.eval()
     return WarmStartResult(step, loss_value, accuracy)
+
+
+def demonstration_rows(
+    tokenizer: Any, prompts: list[Prompt], env: Environment, *, template: Template, seed: int
+) -> list[tuple[list[int], list[int], list[bool]]]:
+    """One demonstration per prompt as (prompt ids, response ids, loss mask): the policy's
+    turns (+ EOS where the turn ends on it) are targets, observations are not. Observations
+    are cut to ``env.max_observation_tokens`` as the actor cuts them."""
+    rng = random.Random(f"warm-start-demos/{seed}")
+    encode = lambda text: list(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    rows = []
+    for p in prompts:
+        ids: list[int] = []
+        mask: list[bool] = []
+        for turn in env.demonstration(p.question, p.answer, rng):
+            policy = encode(turn.text) + ([tokenizer.eos_token_id] if turn.eos else [])
+            observed = encode(turn.observation)[: env.cfg.max_observation_tokens] if turn.observation else []
+            ids += policy + observed
+            mask += [True] * len(policy) + [False] * len(observed)
+        rows.append((render_prompt(tokenizer, p.question, template), ids, mask))
+    return rows
 
 
 def warm_start_from_config(
@@ -137,6 +157,7 @@ def warm_start_from_config(
         target_accuracy=tr.warmup_sft_target,
         max_new_tokens=cfg.rollout.max_new_tokens,
         micro_batch_tokens=tr.micro_batch_tokens,
+        env=make_env(cfg.env),
     )
     if tr.warmup_sft_target > 0 and (result.accuracy or 0.0) < tr.warmup_sft_target:
         logger.warning(

@@ -50,7 +50,7 @@ def test_a_bad_enum_value_lists_the_values_a_user_types() -> None:
     with pytest.raises(ValueError, match=r"expected one of \[async, sync\]$"):
         compose("train", ["mode=SYNCH"])
     with pytest.raises(
-        ValueError, match=r"expected one of \[arithmetic, long_tail, jsonl, parquet, gsm8k\]$"
+        ValueError, match=r"expected one of \[arithmetic, long_tail, jsonl, parquet, gsm8k, guess\]$"
     ):
         compose("train", ["data.kind=csv"])
     with pytest.raises(ValueError, match=r"expected one of \[real, modelled\]$"):

@@ -11,6 +11,7 @@ import pytest
 from async_rl.coordinator import Coordinator, Outcome
 from async_rl.data import Prompt, PromptSource
 from async_rl.schema import (
+    NOT_SAMPLED,
     SCHEMA_VERSION,
     FinishReason,
     Lease,
@@ -85,6 +86,62 @@ def _mutate(**changes: object) -> bytes:
 def test_malformed_messages_are_rejected(data: bytes) -> None:
     with pytest.raises(SchemaError):
         decode(data)
+
+
+def _two_turn(versions: tuple[int, ...] = (4, NOT_SAMPLED, NOT_SAMPLED, 5)) -> TrajectoryGroup:
+    """A response of turn 1 (one token, v4), a 2-token observation, turn 2 (one token, v5)."""
+    r = Response(
+        token_ids=np.array([5, 9, 9, 6], dtype=np.int32),
+        logprobs=np.array([-0.5, 0.0, 0.0, -1.25], dtype=np.float32),
+        versions=np.array(versions, dtype=np.int32),
+        reward=1.0,
+        finish_reason=FinishReason.STOP,
+        sampled=np.array([True, False, False, True]),
+        turns=2,
+        tool_calls=1,
+        tool_errors=0,
+    )
+    return TrajectoryGroup(7, 42, "a0", np.array([1, 2, 3], dtype=np.int32), [r, r])
+
+
+def test_multi_turn_response_round_trip_keeps_mask_and_counts() -> None:
+    out = decode(encode(_two_turn()))
+    assert isinstance(out, TrajectoryGroup)
+    r = out.responses[0]
+    assert r.sampled_mask.tolist() == [True, False, False, True]
+    assert r.versions.tolist() == [4, -1, -1, 5] and r.logprobs.tolist() == [-0.5, 0.0, 0.0, -1.25]
+    assert (r.turns, r.tool_calls, r.tool_errors) == (2, 1, 0)
+    assert r.sampled_versions.tolist() == [4, 5]
+    # Observation tokens have no version: the group's oldest policy is 4, not -1.
+    assert out.min_version == 4
+    check_group(out, vocab_size=10, max_version=5, group_size=2)
+    with pytest.raises(SchemaError, match="future"):
+        check_group(out, vocab_size=10, max_version=4, group_size=2)
+    # A single-turn response has every token sampled.
+    assert decode(encode(_group())).responses[0].sampled_mask.tolist() == [True, True]
+
+
+def _mutate_two_turn(**changes: object) -> bytes:
+    body = msgpack.unpackb(encode(_two_turn()), raw=False)
+    body["responses"][0].update(changes)
+    return msgpack.packb(body, use_bin_type=True)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"versions": np.array([4, 3, -1, 5], dtype="<i4").tobytes()}, "observation token"),
+        ({"versions": np.array([-1, -1, -1, 5], dtype="<i4").tobytes()}, "negative policy version"),
+        ({"logprobs": np.array([-0.5, -0.1, 0, -1], dtype="<f4").tobytes()}, "observation token"),
+        ({"sampled": bytes([1, 2, 0, 1])}, "0 or 1"),
+        ({"sampled": bytes([1, 0, 0])}, "bytes"),
+        ({"turns": -1}, "turns"),
+        ({"tool_errors": "0"}, "tool_errors"),
+    ],
+)
+def test_malformed_observation_tokens_are_rejected(changes: dict, message: str) -> None:
+    with pytest.raises(SchemaError, match=message):
+        decode(_mutate_two_turn(**changes))
 
 
 def test_check_group_rejects_out_of_vocab_and_future_versions() -> None:

@@ -147,6 +147,63 @@ def test_one_step_by_hand() -> None:
     assert set(timer.metrics()) == {f"time/step_{name}_s" for name in timer.seconds}
 
 
+def test_a_two_turn_step_by_hand_trains_only_the_sampled_tokens() -> None:
+    """Response 2 is a two-turn episode: it samples 2, the environment appends 1 (an
+    observation: logprob 0, version -1, not sampled), then it samples 0 at version 1. Only the
+    three sampled tokens enter the loss, the gradient, the importance weights and the mismatch
+    metric; the observation is context (it is the position that predicts the last token)."""
+    sampled_pairs = [(0, 1, 0), (0, 2, 1), (1, 0, 1)]  # (x, y, response): 0 now follows 1
+    logprob = {(x, y): _log_softmax(W @ E[x])[y] for x, y, _ in sampled_pairs}
+    responses = [
+        Response(
+            token_ids=np.array([1], dtype=np.int32),
+            logprobs=np.array([logprob[(0, 1)]], dtype=np.float32),
+            versions=np.ones(1, dtype=np.int32),
+            reward=1.0,
+            finish_reason=FinishReason.STOP,
+        ),
+        Response(
+            token_ids=np.array([2, 1, 0], dtype=np.int32),
+            logprobs=np.array([logprob[(0, 2)], 0.0, logprob[(1, 0)]], dtype=np.float32),
+            versions=np.array([1, -1, 1], dtype=np.int32),
+            reward=0.0,
+            finish_reason=FinishReason.STOP,
+            sampled=np.array([True, False, True]),
+            turns=2,
+        ),
+    ]
+    batch = make_batch(
+        [TrajectoryGroup(0, 0, "test", np.array([0], dtype=np.int32), responses)],
+        pad_id=0,
+        device=torch.device("cpu"),
+    )
+    assert batch.mask.tolist() == [[True, False, False], [True, False, True]]
+    assert batch.targets[1].tolist() == [2, 1, 0] and batch.index[1].tolist() == [0, 1, 2]
+
+    advantage = np.array([0.5, -0.5]) / (np.sqrt(0.5) + 1e-6)
+    tokens = 3
+    loss = -(advantage[0] * 1 + advantage[1] * 2) / tokens
+    grad_w, grad_e = np.zeros_like(W), np.zeros_like(E)
+    for x, y, i in sampled_pairs:
+        residual = np.eye(3)[y] - np.exp(_log_softmax(W @ E[x]))
+        grad_w += -advantage[i] / tokens * np.outer(residual, E[x])
+        grad_e[x] += -advantage[i] / tokens * (W.T @ residual)
+
+    model = _HandLM().double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    metrics = train_step(
+        model, optimizer, batch, _PARAMS, version=1, estimator=make_estimator("group", group_size=2)
+    )
+    np.testing.assert_allclose(model.lm_head.weight.detach().numpy(), W - grad_w, atol=1e-6)
+    np.testing.assert_allclose(model.embed.weight.detach().numpy(), E - grad_e, atol=1e-6)
+    assert metrics["loss/loss"] == pytest.approx(loss, abs=1e-6)
+    assert metrics["train/tokens"] == tokens
+    # Unmasked, the observation's logprob 0 against the learner's 1 - log(2e + 1) = -0.86 would
+    # make an importance weight of 0.42 there and a mismatch k3 of 0.28 nats.
+    assert metrics["loss/is_weight_mean"] == pytest.approx(1.0, abs=1e-6)
+    assert metrics["rollout/mismatch_kl"] == pytest.approx(0.0, abs=1e-7)
+
+
 def test_bare_step_is_plain_ascent_on_the_mean_target_logprob() -> None:
     """The bench's reference step (``bare_step``): backward of the mean logprob of the
     targets, one optimizer step, nothing else; with SGD at lr 1 the update is minus the
