@@ -1,4 +1,5 @@
-"""A generator actor: leases prompts, samples G responses each, scores them, streams them.
+"""A generator actor: leases prompts, runs G episodes each (one response, or turns with an
+environment, `actors.episodes`), scores them, streams them.
 
 The actor never trains. Between any two decode steps it services its control channel:
 new leases join the engine at once (continuous batching), acknowledgements clear the

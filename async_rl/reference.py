@@ -41,6 +41,10 @@ def run_reference(cfg: Config, model_path: str | Path) -> Any:
 
     if cfg.rollout.engine.value != "torch":
         raise ValueError("the reference loop runs the torch engine only (rollout.engine=torch)")
+    if cfg.env.kind != "math":
+        raise ValueError(
+            f"the reference loop runs single-turn episodes only (env.kind=math, not {cfg.env.kind})"
+        )
     # The processes of `async-rl train` with one actor each get this many threads.
     torch.set_num_threads(cfg.trainer.num_threads or default_threads(2))
     torch.manual_seed(cfg.seed)

@@ -63,6 +63,9 @@ from weight_sync.group import form as form_group
 
 logger = logging.getLogger(__name__)
 
+# A learner waiting longer than this for a batch logs where the batch stands, this often.
+_WAIT_REPORT_S = 30.0
+
 # Weight broadcasts tried (evicting whoever failed in between) before the learner gives up.
 _SYNC_ATTEMPTS = 5
 
@@ -385,10 +388,27 @@ class Learner(Service):
         guard) is not trained: its prompt is leased again (``leases/stale``)."""
         b, bound = self.cfg.trainer.batch_groups, self.cfg.rollout.max_staleness
         deadline = time.monotonic() + self.cfg.trainer.idle_timeout_s
+        filtered_since_step = self.coordinator.counts["filtered"]
         filtered_at_start = self.coordinator.counts["filtered"]
+        waiting_since = time.monotonic()
+        report_at = waiting_since + _WAIT_REPORT_S
         while True:
             if self.stop.is_set():
                 return None
+            if time.monotonic() >= report_at:
+                # Dynamic sampling can keep a batch from filling for minutes (a task the policy
+                # nearly never or nearly always solves): say so rather than stay silent.
+                report_at += _WAIT_REPORT_S
+                logger.info(
+                    "step %d waits for its batch (%.0f s): %d of %d groups held, %d filtered since "
+                    "the last step (all rewards equal), %d leases in flight",
+                    self.version + 1,
+                    time.monotonic() - waiting_since,
+                    len(self.held),
+                    b,
+                    self.coordinator.counts["filtered"] - filtered_since_step,
+                    len(self.coordinator.in_flight_granted_at()),
+                )
             # In flight first, then what arrived: a group that finishes in between is counted
             # twice (a wait too many, never a deadline missed), never not at all.
             in_flight = self.coordinator.in_flight_granted_at()

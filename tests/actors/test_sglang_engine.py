@@ -646,6 +646,29 @@ def test_groups_of_n_come_back_by_sample_index(url: str, kind: str) -> None:
     assert engine.free_slots() == 16
 
 
+def test_a_later_turn_keeps_its_sample_index_and_its_own_budget(url: str) -> None:
+    """Turn 2 of episode 2 of lease 9: one sample, index 2, at most the 3 tokens of budget the
+    episode has left. Stop strings are not sent (SGLang runs without a tokenizer here)."""
+    engine = _engine("http", url)
+    try:
+        _load(engine, 0)
+        context = [20, 21, 22, 5, 6]
+        engine.add(
+            Request(9, context, 1, seq=0, max_new_tokens=3, stop_strings=("</calc>",), index=2, step=2)
+        )
+        done = _run(engine)
+    finally:
+        engine.close()
+    assert list(done) == [(9, 2)]
+    s = done[(9, 2)]
+    assert 1 <= len(s.token_ids) <= 3
+    assert s.finish_reason == ("stop" if s.token_ids[-1] == EOS else "length")
+    assert s.finish_reason == "stop" or len(s.token_ids) == 3
+    last = _http(url, "/fake/state")["requests"][-1]
+    assert last["input_ids"] == context and last["sampling_params"]["max_new_tokens"] == 3
+    assert "stop" not in last["sampling_params"]
+
+
 @pytest.mark.parametrize("kind", ["http", "inprocess"])
 def test_resume_after_abort_keeps_logprobs_and_versions(url: str, kind: str) -> None:
     hold = 3
