@@ -284,6 +284,9 @@ class TrainerConfig:
     batch_groups: int = 16
     # Optimizer steps of the RL phase.
     max_steps: int = 200
+    # Seconds of RL after which the run stops as if max_steps were reached (0 = no limit):
+    # the step running then is finished, evaluated and saved.
+    max_time_s: float = 0.0
     # AdamW learning rate and weight decay.
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -337,6 +340,7 @@ class TrainerConfig:
     def __post_init__(self) -> None:
         _check(self.batch_groups >= 1, f"trainer.batch_groups={self.batch_groups}: must be >= 1")
         _check(self.max_steps >= 0, f"trainer.max_steps={self.max_steps}: must be >= 0")
+        _check(self.max_time_s >= 0, f"trainer.max_time_s={self.max_time_s}: must be >= 0 (0 = no limit)")
         _check(self.lr > 0, f"trainer.lr={self.lr}: must be > 0")
         _check(self.mini_batches >= 1, f"trainer.mini_batches={self.mini_batches}: must be >= 1")
         _check(

@@ -232,13 +232,20 @@ class Learner(Service):
             train_start = time.monotonic()
             metrics = {"time/wait_s": train_start - wait_start} | self._train(groups)
             metrics["time/train_s"] = time.monotonic() - train_start
-            if self.version % tr.sync_every == 0 or self.version == tr.max_steps:
+            out_of_time = bool(tr.max_time_s) and time.monotonic() - start >= tr.max_time_s
+            final = self.version == tr.max_steps or out_of_time
+            if self.version % tr.sync_every == 0 or final:
                 metrics["time/weight_sync_s"] = self._publish()
-            if tr.eval_every and (self.version % tr.eval_every == 0 or self.version == tr.max_steps):
+            if tr.eval_every and (self.version % tr.eval_every == 0 or final):
                 metrics |= self._evaluate()
             if tr.checkpoint_every and self.version % tr.checkpoint_every == 0:
                 self.save()
             self._log_step(self.version, metrics, start, last)
+            if out_of_time:
+                logger.info(
+                    "trainer.max_time_s=%g reached after step %d; stopping", tr.max_time_s, self.version
+                )
+                break
 
     def _warm_start(self) -> None:
         result = warm_start_from_config(

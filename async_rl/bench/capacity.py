@@ -28,9 +28,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def prepare_model(cfg: BenchRootConfig, run_dir: Path) -> tuple[str, dict[str, Any]]:
-    """The model every phase uses: the configured one after ``trainer.warmup_sft_steps`` of
-    supervised warm start (done once here, cached when ``bench.cache_warm_model``)."""
+def prepare_model(cfg: Config, run_dir: Path, *, cache: bool) -> tuple[str, dict[str, Any]]:
+    """The model every phase of a workload uses: the configured one after
+    ``trainer.warmup_sft_steps`` of supervised warm start (done once here; with ``cache``
+    (``bench.cache_warm_model``) kept next to the embedded model for later benches)."""
     from async_rl.launcher import resolve_model
 
     base = resolve_model(cfg)
@@ -44,12 +45,12 @@ def prepare_model(cfg: BenchRootConfig, run_dir: Path) -> tuple[str, dict[str, A
         sort_keys=True,
     )
     key = hashlib.blake2b(key_src.encode(), digest_size=8).hexdigest()
-    if cfg.bench.cache_warm_model:
+    if cache:
         from async_rl.tiny_model import default_model_dir
 
         target = default_model_dir(cfg.model.init_seed).parent / f"bench-warm-{key}"
     else:
-        target = run_dir / "warm_model"
+        target = run_dir / f"warm_model-{key}"
     info: dict[str, Any] = {"path": str(target), "warmup_sft_steps": tr.warmup_sft_steps, "cached": True}
     if (target / "config.json").is_file():
         return str(target), info

@@ -37,12 +37,29 @@ class BenchConfig:
     cache_warm_model: bool = True
     # Longest one run (one mode, or one sweep value) may take, start-up included (s).
     run_timeout_s: float = 600.0
+    # The learning workload: configs/<learning_config>.yaml (default the embedded demo, the
+    # arithmetic task) from its warm-started checkpoint, trained in sync and in async mode for
+    # learning_s seconds of RL each; the report compares the time each needs to reach the same
+    # held-out accuracy. 0: skip it.
+    learning_s: float = 60.0
+    learning_config: str = "train"
+    # Overrides of that config, e.g. ["trainer.warmup_sft_target=0.3"] (quote the list in a shell).
+    learning_overrides: list[str] = field(default_factory=list)
+    # Evaluate every this many steps in the learning runs (the accuracy-against-time curve).
+    learning_eval_every: int = 5
 
     def __post_init__(self) -> None:
         _check(self.skip_steps >= 0, f"bench.skip_steps={self.skip_steps}: must be >= 0")
         _check(self.capacity_gen_s > 0, f"bench.capacity_gen_s={self.capacity_gen_s}: must be > 0")
         _check(self.capacity_train_steps >= 0, "bench.capacity_train_steps: must be >= 0")
         _check(self.run_timeout_s > 0, f"bench.run_timeout_s={self.run_timeout_s}: must be > 0")
+        _check(self.learning_s >= 0, f"bench.learning_s={self.learning_s}: must be >= 0 (0 = skip)")
+        _check(self.learning_eval_every >= 1, "bench.learning_eval_every: must be >= 1")
+        _check(
+            self.learning_s <= 0 or self.learning_s + 120 <= self.run_timeout_s,
+            f"bench.learning_s={self.learning_s:g} leaves under 120 s of bench.run_timeout_s="
+            f"{self.run_timeout_s:g} for start-up: raise bench.run_timeout_s",
+        )
 
 
 @dataclass

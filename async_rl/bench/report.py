@@ -185,6 +185,46 @@ def reward_at(curve: list[list[float]], t: float) -> float | None:
     return sum(picked) / len(picked)
 
 
+def accuracy_curve(rows: list[dict[str, Any]]) -> list[list[float]]:
+    """[[RL seconds, held-out accuracy], ...] of the evaluated steps of one run."""
+    return [
+        [float(r["time_s"]), float(r["eval/accuracy"])] for r in rows if r.get("eval/accuracy") is not None
+    ]
+
+
+def time_to_accuracy(curve: list[list[float]], target: float) -> float | None:
+    """The first time the curve reaches ``target`` (None if it never does)."""
+    return next((t for t, acc in curve if acc >= target), None)
+
+
+def learning_summary(curves: dict[str, list[list[float]]]) -> dict[str, Any]:
+    """Time to the same accuracy in sync and async mode. The target is the lower of the two
+    runs' best accuracies, the highest level both reached; with no gain over the start in
+    either run there is no target (and no ratio)."""
+    modes: dict[str, dict[str, Any]] = {}
+    for mode, curve in curves.items():
+        modes[mode] = {
+            "curve": curve,
+            "start_accuracy": curve[0][1] if curve else None,
+            "best_accuracy": max((acc for _, acc in curve), default=None),
+            "steps_evaluated": len(curve),
+        }
+    bests = [m["best_accuracy"] for m in modes.values()]
+    starts = [m["start_accuracy"] for m in modes.values() if m["start_accuracy"] is not None]
+    target = min(bests) if bests and None not in bests else None
+    if target is not None and starts and target <= max(starts):
+        target = None  # one of the runs learnt nothing: no level both reached by learning
+    for m in modes.values():
+        m["time_to_target_s"] = time_to_accuracy(m["curve"], target) if target is not None else None
+    sync_t = modes.get("sync", {}).get("time_to_target_s")
+    async_t = modes.get("async", {}).get("time_to_target_s")
+    return {
+        "target_accuracy": target,
+        "time_to_accuracy_ratio": ratio(async_t, sync_t),
+        "modes": modes,
+    }
+
+
 def sweep_summary(runs: dict[int, dict[str, Any]], bound: dict[str, Any]) -> dict[str, Any]:
     """Per max_staleness value: throughput, bound fraction, reward at the common wall time."""
     common_t = min(r["wall_s"] for r in runs.values())
@@ -346,12 +386,37 @@ def markdown(report: dict[str, Any]) -> str:
             f"Where the step's time goes: {phases}.",
             "",
         ]
+    learning = report.get("learning")
+    if learning:
+        lines += _learning_lines(learning)
     lines += [
         "Estimated, not measured:",
         "",
     ]
     lines += [f"* {key}: {how}" for key, how in report["estimates"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _learning_lines(learning: dict[str, Any]) -> list[str]:
+    modes = learning["modes"]
+    target = learning["target_accuracy"]
+    lines = [
+        f"Learning: configs/{learning['config']}.yaml from its warm start, {_fmt(learning['learning_s'])} s "
+        f"of RL in each mode, held-out greedy accuracy every {learning['eval_every']} steps. "
+        f"Time to accuracy {_fmt(target)} (the best both reached), async / sync: "
+        f"**{_fmt(learning['time_to_accuracy_ratio'])}**.",
+        "",
+        "| mode | accuracy at step 0 | best accuracy | evaluations | time to target (s) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, m in modes.items():
+        lines.append(
+            f"| {name} | {_fmt(m['start_accuracy'])} | {_fmt(m['best_accuracy'])} | {m['steps_evaluated']} | "
+            f"{_fmt(m['time_to_target_s'])} |"
+        )
+    if target is None:
+        lines += ["", "No target: one run did not improve on its starting accuracy."]
+    return [*lines, ""]
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
@@ -362,16 +427,33 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
     runs = report.get("modes") or {f"max_staleness={k}": v for k, v in report.get("runs", {}).items()}
     sweep = report.get("sweep")
+    learning = report.get("learning")
     fig, axes = plt.subplots(1, 3 if sweep else 2, figsize=(16 if sweep else 11, 4))
     ax_t, ax_r = axes[0], axes[1]
     for name, run in runs.items():
         t, n = zip(*run["samples_curve"]) if run["samples_curve"] else ((), ())
         ax_t.plot(t, n, label=name)
-        rt, rv = zip(*run["reward_curve"]) if run["reward_curve"] else ((), ())
-        ax_r.plot(rt, _moving_mean(list(rv), max(1, len(rv) // 10)), label=name, alpha=0.8)
+        if not learning:
+            rt, rv = zip(*run["reward_curve"]) if run["reward_curve"] else ((), ())
+            ax_r.plot(rt, _moving_mean(list(rv), max(1, len(rv) // 10)), label=name, alpha=0.8)
     unit = "modelled s" if report["compute"] == "modelled" else "s"
     ax_t.set(xlabel=f"wall time ({unit})", ylabel="trained samples (cumulative)", title="throughput")
-    ax_r.set(xlabel=f"wall time ({unit})", ylabel="reward/mean (moving mean, 10% of steps)", title="reward")
+    if learning:
+        # The learning workload: what the throughput buys, held-out accuracy against wall time.
+        for name, m in learning["modes"].items():
+            at, av = zip(*m["curve"]) if m["curve"] else ((), ())
+            ax_r.plot(at, av, marker=".", label=name)
+        if learning["target_accuracy"] is not None:
+            ax_r.axhline(learning["target_accuracy"], color="grey", linestyle=":", label="target")
+        ax_r.set(
+            xlabel="wall time of RL (s)",
+            ylabel="held-out accuracy (greedy)",
+            title=f"learning (time to target, async/sync {_fmt(learning['time_to_accuracy_ratio'])})",
+        )
+    else:
+        ax_r.set(
+            xlabel=f"wall time ({unit})", ylabel="reward/mean (moving mean, 10% of steps)", title="reward"
+        )
     for ax in (ax_t, ax_r):
         ax.grid(alpha=0.3)
         ax.legend()

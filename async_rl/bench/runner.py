@@ -199,13 +199,15 @@ def run_bench(cfg: BenchRootConfig, run_dir: Path, show: Callable[[float, str], 
     started, load_start = time.monotonic(), os.getloadavg()
     runs = plan_runs(cfg)
     steps = cfg.trainer.max_steps
+    learning = cfg.bench.learning_s > 0
     phases = Phases(
         {"model": 0.4 * cfg.trainer.warmup_sft_steps, "capacity": cfg.bench.capacity_gen_s + 0.3 * steps}
-        | {name: 15.0 + steps * (1.0 if fixed["mode"] == "sync" else 0.5) for name, fixed in runs},
+        | {name: 15.0 + steps * (1.0 if fixed["mode"] == "sync" else 0.5) for name, fixed in runs}
+        | ({f"learning-{m}": 60.0 + cfg.bench.learning_s for m in ("sync", "async")} if learning else {}),
         show,
     )
     phases.update("model", 0.0, "warm start")
-    model_path, model_info = prepare_model(cfg, run_dir)
+    model_path, model_info = prepare_model(cfg, run_dir, cache=cfg.bench.cache_warm_model)
     phases.update("capacity", 0.0)
     load = LoadMeter(children=False)
     capacity = measure_capacity(cfg, model_path, lambda f: phases.update("capacity", f)) | load.read()
@@ -232,6 +234,7 @@ def run_bench(cfg: BenchRootConfig, run_dir: Path, show: Callable[[float, str], 
             gen_capacity_samples_per_s=gen_cap["gen_samples_per_s"],
         )
         summaries[name] = summary | {k: v for k, v in out.items() if k != "rows"}
+    learning_report = run_learning(cfg, run_dir, phases) if learning else None
     show(1.0, "done")
     report: dict[str, Any] = {
         "compute": "real",
@@ -243,7 +246,49 @@ def run_bench(cfg: BenchRootConfig, run_dir: Path, show: Callable[[float, str], 
         "workload": _workload(cfg),
         "estimates": br.estimates(summaries),
     }
+    if learning_report is not None:
+        report["learning"] = learning_report
     return report | headline(cfg, summaries, bound)
+
+
+def run_learning(cfg: BenchRootConfig, run_dir: Path, phases: Phases) -> dict[str, Any]:
+    """The learning workload: ``bench.learning_config`` from its warm-started checkpoint (made
+    once, cached like the throughput workload's), sync then async for ``bench.learning_s``
+    seconds of RL each, held-out accuracy every ``bench.learning_eval_every`` steps."""
+    from async_rl.bench import report as br
+    from async_rl.bench.capacity import prepare_model
+    from async_rl.config import compose
+
+    b = cfg.bench
+    learn = compose(b.learning_config, [f"seed={cfg.seed}", *b.learning_overrides])
+    phases.update("learning-sync", 0.0, "warm start")
+    model_path, model_info = prepare_model(learn, run_dir, cache=b.cache_warm_model)
+    curves: dict[str, list[list[float]]] = {}
+    for mode in ("sync", "async"):
+        name = f"learning-{mode}"
+        fixed = {
+            "mode": mode,
+            "run_dir": str(run_dir / name),
+            "model.path": model_path,
+            "trainer.warmup_sft_steps": 0,
+            "trainer.max_steps": 1_000_000,
+            "trainer.max_time_s": b.learning_s,
+            "trainer.eval_every": b.learning_eval_every,
+            "trainer.checkpoint_every": 0,
+        }
+        started = time.monotonic()
+
+        def on_step(k: int, name: str = name, started: float = started) -> None:
+            phases.update(name, (time.monotonic() - started) / (60.0 + b.learning_s), f"step {k}")
+
+        out = run_train(name, train_overrides(learn, fixed), run_dir / name, b.run_timeout_s, on_step)
+        curves[mode] = br.accuracy_curve(out["rows"])
+    return br.learning_summary(curves) | {
+        "config": b.learning_config,
+        "learning_s": b.learning_s,
+        "model": model_info,
+        "eval_every": b.learning_eval_every,
+    }
 
 
 def headline(cfg: BenchRootConfig, runs: dict[str, dict[str, Any]], bound: dict[str, Any]) -> dict[str, Any]:

@@ -12,8 +12,18 @@ import numpy as np
 import pytest
 
 from async_rl.bench.config import compose_bench, train_overrides
-from async_rl.bench.report import compare, pipeline_bound, reward_at, summarize_run, write_outputs
+from async_rl.bench.report import (
+    accuracy_curve,
+    compare,
+    learning_summary,
+    pipeline_bound,
+    reward_at,
+    summarize_run,
+    time_to_accuracy,
+    write_outputs,
+)
 from async_rl.config import compose, to_dict
+from async_rl.metrics import read_metrics
 
 
 def _row(step: int, t: float, **kw: object) -> dict[str, object]:
@@ -57,6 +67,25 @@ _ROWS = [
         )
     ),
 ]
+
+
+def test_time_to_accuracy_by_hand() -> None:
+    sync = [[0.0, 0.30], [10.0, 0.40], [20.0, 0.55], [30.0, 0.60]]
+    async_ = [[0.0, 0.30], [4.0, 0.50], [8.0, 0.62], [12.0, 0.70]]
+    out = learning_summary({"sync": sync, "async": async_})
+    # The best both reached is sync's 0.60: sync at 30 s, async at 8 s.
+    assert out["target_accuracy"] == 0.60
+    assert out["modes"]["sync"]["time_to_target_s"] == 30.0
+    assert out["modes"]["async"]["time_to_target_s"] == 8.0
+    assert out["time_to_accuracy_ratio"] == pytest.approx(8 / 30)
+    assert out["modes"]["async"]["best_accuracy"] == 0.70 and out["modes"]["sync"]["start_accuracy"] == 0.30
+    # A run that never beats its start gives no target and no ratio.
+    flat = learning_summary({"sync": [[0.0, 0.3], [10.0, 0.3]], "async": async_})
+    assert flat["target_accuracy"] is None and flat["time_to_accuracy_ratio"] is None
+    assert accuracy_curve(
+        [{"step": 0, "time_s": 0.5, "eval/accuracy": 0.25}, {"step": 1, "time_s": 2.0}]
+    ) == [[0.5, 0.25]]
+    assert time_to_accuracy(sync, 0.9) is None
 
 
 def test_summary_rates_are_over_the_steady_window_by_hand() -> None:
@@ -179,6 +208,10 @@ _TINY = [
     "bench.capacity_train_steps=3",  # the third is also timed as a bare step
     "bench.skip_steps=1",
     "transport.heartbeat_s=0.5",
+    # The learning workload: the embedded demo's config, shrunk, 4 s of RL per mode.
+    "bench.learning_s=4",
+    "bench.learning_eval_every=2",
+    'bench.learning_overrides=["trainer.warmup_sft_steps=20","trainer.batch_groups=4","data.eval_size=16"]',
 ]
 
 _MODE_KEYS = {
@@ -202,7 +235,7 @@ _MODE_KEYS = {
 @pytest.mark.slow
 def test_tiny_bench_writes_the_promised_bench_json(tiny_model_dir: Path, tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "async_rl.cli", "bench", f"run_dir={tmp_path}", *_TINY]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=150)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"bench failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     report = json.loads((tmp_path / "bench.json").read_text())
     assert report["compute"] == "real"
@@ -224,6 +257,18 @@ def test_tiny_bench_writes_the_promised_bench_json(tiny_model_dir: Path, tmp_pat
     assert sum(training["phase_frac"].values()) == pytest.approx(1.0)
     assert {"batching", "advantages", "logprobs", "backward", "optimizer"} <= set(training["phase_frac"])
     assert "| trained samples/s (steady) |" in (tmp_path / "bench.md").read_text()
+    learning = report["learning"]
+    assert learning["config"] == "train" and learning["learning_s"] == 4
+    for mode in ("sync", "async"):
+        rows = read_metrics(tmp_path / f"learning-{mode}" / "metrics.jsonl")
+        # trainer.max_time_s stopped the run: its last step is past 4 s of RL and evaluated.
+        assert rows[-1]["time_s"] >= 4 and "eval/accuracy" in rows[-1]
+        curve = learning["modes"][mode]["curve"]
+        assert curve == [[r["time_s"], r["eval/accuracy"]] for r in rows if "eval/accuracy" in r]
+        assert len(curve) >= 2
+    # Both runs started from the same warm-started checkpoint: the same step-0 accuracy.
+    assert learning["modes"]["sync"]["start_accuracy"] == learning["modes"]["async"]["start_accuracy"]
+    assert "Time to accuracy" in (tmp_path / "bench.md").read_text()
     assert (tmp_path / "sync" / "metrics.jsonl").is_file() and (
         tmp_path / "async" / "metrics.jsonl"
     ).is_file()
