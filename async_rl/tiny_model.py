@@ -178,7 +178,7 @@ def build_tiny_model(
 
 def _make_tokenizer_config_portable(path: Path) -> None:
     # transformers 5 records its new class name "TokenizersBackend", which transformers 4 (still
-    # supported: pyproject allows >=4.51, and SGLang releases pin 4.x) cannot resolve. Name the class real Qwen2 checkpoints name:
+    # supported: pyproject allows >=4.56, and SGLang releases pin 4.x) cannot resolve. Name the class real Qwen2 checkpoints name:
     # transformers 5 uses Qwen2Tokenizer for qwen2 models whatever this says, and transformers 4
     # maps it to Qwen2TokenizerFast, which loads tokenizer.json as written.
     cfg = json.loads(path.read_text())

@@ -22,7 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from actors.sampling import sample_keys, sampling_logprobs, uniforms
-from actors.torch_engine import Request, Sample, TorchEngine
+from actors.torch_engine import Request, Sample, TorchEngine, cache_keyword
 
 SEED = 3
 INTERRUPT_AFTER = 4  # engine steps with the old weights
@@ -113,11 +113,12 @@ def _old_cache_forward(old: Any, new: Any, prompt: list[int], tokens: list[int],
     """Logits [len(tokens) - k, V] for tokens k.. when the old weights wrote the cache of
     prompt + tokens[:k-1] and the new ones process everything from tokens[k-1] on."""
     cache = DynamicCache(config=old.config)
-    old(torch.tensor([prompt + tokens[: k - 1]]), past_key_values=cache, use_cache=True)
+    keyword = cache_keyword(old)  # past_key_values before transformers renamed it to cache
+    old(torch.tensor([prompt + tokens[: k - 1]]), **{keyword: cache}, use_cache=True)
     start = len(prompt) + k - 1
     positions = torch.arange(start, len(prompt) + len(tokens) - 1)[None]
     return new(
-        torch.tensor([tokens[k - 1 : -1]]), position_ids=positions, past_key_values=cache, use_cache=True
+        torch.tensor([tokens[k - 1 : -1]]), position_ids=positions, **{keyword: cache}, use_cache=True
     ).logits[0]
 
 
